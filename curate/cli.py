@@ -1,0 +1,101 @@
+"""`curate`: the typer layer over the stage functions. Each command calls one plain function."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from curate.errors import UserError
+from distill.models import SpecError
+
+app = typer.Typer(
+    help="Score unlabeled image collections with a teacher, query the pool, export distillation shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console()
+
+
+@app.command()
+def score(
+    teacher: str = typer.Option(
+        ...,
+        help="torchvision:ARCH?num_classes=N&weights=PATH, torchscript:PATH, "
+        "python:MODULE:FACTORY?weights=PATH, or a student.pt / run directory; "
+        "add size=, channels=, mean=, std= to set the preprocessing.",
+    ),
+    source: list[str] = typer.Option(
+        ...,
+        help="NAME=KIND:LOCATION[?opt=val&...], repeatable. Kinds: folder, wds, "
+        "parquet, idx, npy, synthetic, builtin. Quote specs holding ? and &.",
+    ),
+    pool: str = typer.Option(..., help="Pool directory (created, or resumed when it exists)."),
+    batch_size: int = typer.Option(256, help="Samples per forward pass."),
+    workers: int = typer.Option(-1, help="Decode worker processes; -1 picks (0 for undecoded arrays on CPU)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    logits: str = typer.Option("full", help="full, or topk:K to keep the K largest logits (many classes)."),
+    embed_layer: str = typer.Option("auto", help="auto (input of the final linear) or a module name."),
+    max_error_rate: float = typer.Option(0.01, help="Exit 1 when more than this share of samples failed."),
+    odin: bool = typer.Option(False, help="Also compute ODIN (one extra forward+backward per batch)."),
+    overwrite: bool = typer.Option(False, help="Discard an existing pool scored differently."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run the teacher over image sources; write logits, scores and embeddings to a pool.
+
+    Example: curate score --teacher runs/teacher --source 'shop=folder:/data/shop' --pool pool/
+    A killed run resumes where it stopped: rerun the same command."""
+    from curate.score import ScoreConfig
+    from curate.score import score as run
+
+    cfg = ScoreConfig(
+        teacher=teacher, sources=source, pool=pool, batch_size=batch_size, workers=workers, device=device,
+        logits=logits, embed_layer=embed_layer, max_error_rate=max_error_rate, odin=odin,
+        overwrite=overwrite, show_progress=progress,
+    )  # fmt: skip
+    res = run(cfg)
+    table = Table(title=f"pool {res.pool}")
+    for col in ("source", "units", "skipped", "rows", "errors", "samples/s"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for name, st in res.per_source.items():
+        rate = f"{(st.rows + st.errors) / st.seconds:,.0f}" if st.seconds else "-"
+        table.add_row(name, str(st.units), str(st.units_skipped), f"{st.rows:,}", f"{st.errors:,}", rate)
+    out.print(table)
+    out.print(f"{res.rows:,} rows scored in {res.seconds:.1f} s; pool error rate {res.error_rate:.2%}")
+    if res.error_rate_exceeded:
+        print(f"error: error rate {res.error_rate:.2%} exceeds --max-error-rate {max_error_rate:.2%}; "
+              f"see {res.pool}/errors/", file=sys.stderr)  # fmt: skip
+        raise typer.Exit(1)
+
+
+@app.command()
+def index(
+    pool: str = typer.Argument(..., help="Pool directory."),
+    kind: str = typer.Option("auto", help="auto (flat when it fits, else IVF-PQ), flat, ivf-pq or hnsw."),
+    memory: str = typer.Option("4GB", help="Memory budget for the index, e.g. 512MB, 4GB."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Build a FAISS index over the pool's embeddings (ids = uids) and measure its recall@10."""
+    from curate.index import index as run
+
+    res = run(pool, kind=kind, memory=memory, show_progress=progress)
+    out.print(
+        f"{res.kind} index ({res.factory}) over {res.rows:,} vectors of dim {res.dim}: "
+        f"recall@10 {res.recall_at_10:.3f}, {res.bytes / 2**20:.1f} MiB, {res.seconds:.1f} s -> {res.path}"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except (UserError, SpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

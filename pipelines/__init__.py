@@ -1,0 +1,1 @@
+"""kdcurate batch jobs: the demo and job runners that chain the stages."""
