@@ -82,7 +82,8 @@ def choose_kind(n: int, dim: int, budget: int, kind: str) -> tuple[str, str]:
         fits = [m for m in range(1, min(64, dim) + 1) if dim % m == 0 and n * (m + 8) <= budget]
         if not fits:
             raise UserError(f"{n:,} vectors do not fit --memory {budget / 2**30:.1f} GiB even as 1-byte codes")
-        return kind, f"IVF{nlist},PQ{fits[-1]}"
+        nbits = max(4, min(8, int(math.log2(min(n, 500_000) / 39))))  # enough points per PQ centroid
+        return kind, f"IVF{nlist},PQ{fits[-1]}x{nbits}"
     raise UserError(f"unknown --kind {kind!r}; use auto, flat, ivf-pq or hnsw")
 
 

@@ -269,9 +269,9 @@ def load(spec: str) -> LoadedModel:
             kwargs["in_channels"] = int(pre["channels"])
         factory = "distill.models:torchvision_model"
         model = _call_factory(factory, kwargs)
-        default_input = InputSpec(224, int(kwargs.get("in_channels", 3)), IMAGENET_MEAN, IMAGENET_STD)
-        if kwargs.get("small_input"):
-            default_input = InputSpec(32, int(kwargs.get("in_channels", 3)), IMAGENET_MEAN, IMAGENET_STD)
+        channels = int(kwargs.get("in_channels", 3))
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
+        default_input = InputSpec(32 if kwargs.get("small_input") else 224, channels, mean, std)
         if ckpt is not None:
             _load_state(model, ckpt, weights)
         return _finish(model, spec, factory, kwargs, ckpt, pre, classes, default_input)

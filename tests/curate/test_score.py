@@ -1,0 +1,242 @@
+"""The score stage end to end: real pools, real DuckDB, real FAISS, real subprocess CLI calls."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curate.generated import _digits
+from curate.index import choose_kind, index
+from curate.pool import Pool
+from curate.score import ScoreConfig, score
+from curate.sources import content_hash, uid_of
+from tests.conftest import ROOT, auroc, run_cli
+
+SAMPLES = "read_parquet('{pool}/samples/*/*.parquet', hive_partitioning=1)"
+
+
+@pytest.fixture(scope="module")
+def pool(teacher, tmp_path_factory):
+    """digits[1500:] (held out from the teacher) against noise, dead leaves and glyphs."""
+    root = tmp_path_factory.mktemp("pool") / "pool"
+    cfg = ScoreConfig(
+        teacher=str(teacher),
+        sources=[
+            "digits=builtin:digits?start=1500&unit=100",
+            "noise=synthetic:noise?n=300&unit=128",
+            "leaves=synthetic:dead-leaves?n=200",
+            "glyphs=synthetic:glyphs?n=200",
+        ],
+        pool=str(root),
+        batch_size=64,
+        show_progress=False,
+    )
+    result = score(cfg)
+    assert result.rows == 297 + 300 + 200 + 200
+    return root
+
+
+def test_pool_layout_columns_and_conventions(pool):
+    meta = json.loads((pool / "pool.json").read_text())
+    assert meta["teacher"]["sha256"] and meta["classes"] == [str(i) for i in range(10)]
+    assert all("higher means more related" in s["direction"] for s in meta["scores"].values())
+    assert meta["embedding"]["dim"] == 32 and meta["input"]["size"] == 8
+    parts = sorted((pool / "samples" / "source=digits").glob("unit-*.parquet"))
+    assert len(parts) == 3 and all(p.with_name(p.stem + ".done.json").exists() for p in parts)
+    assert pq.read_metadata(parts[0]).row_group(0).column(0).compression == "ZSTD"
+    t = pq.read_table(parts[0])
+    assert "source" not in t.column_names  # it is the hive partition
+    row = t.slice(0, 1).to_pylist()[0]
+    assert row["sample_id"] == "digits/1500" and row["uid"] == uid_of("digits/1500")
+    x, y = _digits()
+    assert row["content_hash"] == content_hash(x[1500]) and row["label"] == y[1500]
+    assert len(row["logits"]) == 10 and len(row["embedding"]) == 32
+    assert row["pred"] == int(np.argmax(row["logits"]))
+    assert (row["width"], row["height"]) == (8, 8)
+
+
+def test_duckdb_reads_the_pool_with_hive_partitioning(pool):
+    q = f"SELECT source, count(*) n, count(label) labelled FROM {SAMPLES} GROUP BY source ORDER BY source"
+    rows = duckdb.sql(q.format(pool=pool)).fetchall()
+    assert rows == [("digits", 297, 297), ("glyphs", 200, 0), ("leaves", 200, 0), ("noise", 300, 0)]
+    dup = duckdb.sql(f"SELECT count(*) - count(DISTINCT uid) FROM {SAMPLES}".format(pool=pool)).fetchall()[0]
+    assert dup == (0,)
+
+
+def test_scores_separate_in_distribution_from_noise(pool):
+    """On a teacher trained in the test, confidence, energy and bn_score rank held-out digits above noise."""
+    con = duckdb.connect()
+    for col in ("confidence", "energy", "bn_score"):
+        pos = con.sql(f"SELECT {col} FROM {SAMPLES} WHERE source='digits'".format(pool=pool)).fetchnumpy()[col]
+        neg = con.sql(f"SELECT {col} FROM {SAMPLES} WHERE source='noise'".format(pool=pool)).fetchnumpy()[col]
+        assert auroc(pos, neg) > 0.9, col
+
+
+def test_teacher_accuracy_is_visible_through_sql(pool):
+    acc = duckdb.sql(f"SELECT avg((pred = label)::INT) FROM {SAMPLES} WHERE label IS NOT NULL".format(pool=pool))
+    assert acc.fetchall()[0][0] > 0.8
+
+
+def test_rerun_skips_done_units(pool, teacher):
+    before = {p: p.stat().st_mtime_ns for p in pool.glob("samples/*/*.parquet")}
+    res = score(
+        ScoreConfig(
+            teacher=str(teacher), sources=["noise=synthetic:noise?n=300&unit=128"], pool=str(pool), show_progress=False
+        )  # fmt: skip
+    )
+    assert res.per_source["noise"].units_skipped == 3 and res.rows == 0
+    assert before == {p: p.stat().st_mtime_ns for p in pool.glob("samples/*/*.parquet")}
+
+
+def test_faiss_index_returns_each_sample_as_its_own_neighbour(pool):
+    res = index(str(pool), show_progress=False)
+    assert res.kind == "flat" and res.rows == 997 and res.recall_at_10 > 0.99
+    idx = faiss.read_index(str(pool / "index" / "embeddings.faiss"))
+    t = duckdb.sql(f"SELECT uid, embedding FROM {SAMPLES} WHERE source='digits' LIMIT 50".format(pool=pool))
+    uids, embs = zip(*t.fetchall(), strict=True)
+    q = np.array(embs, np.float32)
+    faiss.normalize_L2(q)
+    _, found = idx.search(q, 1)
+    assert found[:, 0].tolist() == list(uids)
+    info = json.loads((pool / "index" / "embeddings.json").read_text())
+    assert info["ids"] == "pool uid" and info["recall_at_10"] == res.recall_at_10
+
+
+def test_ivf_pq_index_under_a_small_budget(teacher, tmp_path):
+    score(
+        ScoreConfig(
+            teacher=str(teacher), sources=["s=synthetic:shaders?n=3000&size=8"], pool=str(tmp_path), show_progress=False
+        )  # fmt: skip
+    )
+    assert choose_kind(3000, 32, 4 * 2**30, "auto")[0] == "flat"
+    assert choose_kind(3000, 32, 200_000, "auto")[0] == "ivf-pq"
+    res = index(str(tmp_path), memory="200KB", show_progress=False)
+    assert res.kind == "ivf-pq" and res.factory.startswith("IVF") and 0.3 < res.recall_at_10 <= 1.0
+
+
+def test_topk_logits_and_teacher_without_batchnorm(mlp_teacher, tmp_path):
+    score(
+        ScoreConfig(
+            teacher=str(mlp_teacher),
+            sources=["d=builtin:digits?stop=50"],
+            pool=str(tmp_path),
+            logits="topk:3",
+            show_progress=False,
+        )  # fmt: skip
+    )
+    t = duckdb.sql(f"SELECT * FROM {SAMPLES}".format(pool=tmp_path)).to_arrow_table()
+    assert "logits" not in t.column_names and {"topk_idx", "topk_val", "logsumexp"} <= set(t.column_names)
+    assert t.column("bn_score").null_count == 50  # null, not garbage
+    row = t.slice(0, 1).to_pylist()[0]
+    assert row["topk_idx"][0] == row["pred"] and row["topk_val"][0] == pytest.approx(row["max_logit"])
+    assert json.loads((tmp_path / "pool.json").read_text())["bn_score_available"] is False
+
+
+def make_bad_folder(root) -> int:
+    """Good images of several modes, plus truncated, zero-byte, non-image and bomb files."""
+    root.mkdir()
+    good = {
+        "rgb.jpg": Image.new("RGB", (30, 20), (200, 10, 10)),
+        "rgba.png": Image.new("RGBA", (12, 12), (10, 200, 10, 128)),
+        "pal.gif": Image.new("P", (12, 12), 5),
+        "cmyk.jpg": Image.new("CMYK", (12, 12), (0, 50, 0, 0)),
+        "deep.png": Image.fromarray(np.full((9, 9), 40000, np.uint16)),
+    }
+    for name, img in good.items():
+        img.save(root / name)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "PNG")
+    (root / "truncated.png").write_bytes(buf.getvalue()[:50])
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("just text")
+    Image.new("1", (9000, 9000), 0).save(root / "bomb.png")
+    return len(good)
+
+
+def test_corrupt_files_land_in_errors_and_the_exit_code_follows_the_rate(teacher, tmp_path):
+    n_good = make_bad_folder(tmp_path / "imgs")
+    args = ["curate", "score", "--teacher", str(teacher), "--source", f"f=folder:{tmp_path / 'imgs'}",
+            "--pool", str(tmp_path / "pool"), "--no-progress"]  # fmt: skip
+    proc = run_cli(*args)
+    assert proc.returncode == 1 and "exceeds --max-error-rate" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    errs = duckdb.sql(f"SELECT key, reason FROM '{tmp_path}/pool/errors/*/*.parquet' ORDER BY key").fetchall()
+    reasons = dict(errs)
+    assert set(reasons) == {"bomb.png", "empty.png", "text.png", "truncated.png"}
+    assert "decompression bomb" in reasons["bomb.png"] and "zero-byte" in reasons["empty.png"]
+    assert "not an image" in reasons["text.png"] and "corrupt" in reasons["truncated.png"]
+    rows = duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/pool/samples/*/*.parquet'").fetchall()[0][0]
+    assert rows == n_good
+    proc = run_cli(*args, "--max-error-rate", "0.5")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_sigkill_at_any_moment_then_rerun_is_exactly_once(teacher, tmp_path):
+    n = 2400
+    args = [sys.executable, "-m", "curate", "score", "--teacher", str(teacher), "--pool", str(tmp_path / "p"),
+            "--source", f"s=synthetic:shaders?n={n}&size=32&unit=100", "--batch-size", "50", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    pool = Pool(tmp_path / "p")
+    for kill_after in (2, 9):  # kill twice, at different points
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(pool.done_units("s")) < kill_after and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(pool.done_units("s")) < n // 100  # it really was cut short
+    subprocess.run(args, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    keys = duckdb.sql(f"SELECT key FROM '{tmp_path}/p/samples/*/*.parquet'").fetchnumpy()["key"]
+    assert len(keys) == n and len(set(keys)) == n
+    assert not list((tmp_path / "p").rglob("*.tmp"))
+
+
+def test_rescoring_with_another_teacher_is_refused(teacher, mlp_teacher, tmp_path):
+    base = ["curate", "score", "--source", "d=builtin:digits?stop=20", "--pool", str(tmp_path), "--no-progress"]
+    assert run_cli(*base, "--teacher", str(teacher)).returncode == 0
+    proc = run_cli(*base, "--teacher", str(mlp_teacher))
+    assert proc.returncode == 2 and "another teacher_sha256" in proc.stderr and "--overwrite" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli(*base, "--teacher", str(mlp_teacher), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--source", "bad-spec"], "needs a name"),
+        (["--source", "x=folder:/no/such/dir"], "folder not found"),
+        (["--source", "x=builtin:digits", "--logits", "topk:99"], "topk:K"),
+        (["--source", "x=builtin:digits", "--embed-layer", "nope"], "no module 'nope'"),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2(teacher, tmp_path, extra, message):
+    proc = run_cli("curate", "score", "--teacher", str(teacher), "--pool", str(tmp_path / "p"), *extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_cli_bad_teacher_is_one_line_exit_2(teacher, tmp_path):
+    for spec, message in [
+        (str(tmp_path / "missing.pt"), "not found"),
+        (f"torchvision:resnet18?num_classes=10&weights={teacher}", "does not fit the architecture"),
+        ("python:nowhere.module:fn?size=8&channels=1", "cannot import factory"),
+    ]:
+        proc = run_cli("curate", "score", "--teacher", spec, "--source", "d=builtin:digits", "--pool", str(tmp_path))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("curate", "index", str(tmp_path / "nothing"))
+    assert proc.returncode == 2 and "not a pool" in proc.stderr
