@@ -53,10 +53,19 @@ def score(
     from curate.score import score as run
 
     cfg = ScoreConfig(
-        teacher=teacher, sources=source, pool=pool, batch_size=batch_size, workers=workers, device=device,
-        logits=logits, embed_layer=embed_layer, max_error_rate=max_error_rate, odin=odin,
-        overwrite=overwrite, show_progress=progress,
-    )  # fmt: skip
+        teacher=teacher,
+        sources=source,
+        pool=pool,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        logits=logits,
+        embed_layer=embed_layer,
+        max_error_rate=max_error_rate,
+        odin=odin,
+        overwrite=overwrite,
+        show_progress=progress,
+    )
     res = run(cfg)
     table = Table(title=f"pool {res.pool}")
     for col in ("source", "units", "skipped", "rows", "errors", "samples/s"):
@@ -67,8 +76,11 @@ def score(
     out.print(table)
     out.print(f"{res.rows:,} rows scored in {res.seconds:.1f} s; pool error rate {res.error_rate:.2%}")
     if res.error_rate_exceeded:
-        print(f"error: error rate {res.error_rate:.2%} exceeds --max-error-rate {max_error_rate:.2%}; "
-              f"see {res.pool}/errors/", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: error rate {res.error_rate:.2%} exceeds --max-error-rate {max_error_rate:.2%}; "
+            f"see {res.pool}/errors/",
+            file=sys.stderr,
+        )
         raise typer.Exit(1)
 
 

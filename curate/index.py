@@ -87,8 +87,14 @@ def choose_kind(n: int, dim: int, budget: int, kind: str) -> tuple[str, str]:
     raise UserError(f"unknown --kind {kind!r}; use auto, flat, ivf-pq or hnsw")
 
 
-def index(pool_dir: str, kind: str = "auto", memory: str = "4GB", queries: int = 500,
-          seed: int = 0, show_progress: bool = True) -> IndexResult:  # fmt: skip
+def index(
+    pool_dir: str,
+    kind: str = "auto",
+    memory: str = "4GB",
+    queries: int = 500,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> IndexResult:
     """Build pool/index/embeddings.faiss (+ embeddings.json) from the pool's embeddings."""
     t0 = time.perf_counter()
     pool = Pool(pool_dir)

@@ -78,8 +78,9 @@ class UnitBatches(IterableDataset):
     """Yields per unit a sequence of batches: dicts with uint8 pixels (B, C, S, S), per-sample
     metadata, the unit's errors so far, and `last` on the unit's final batch (possibly empty)."""
 
-    def __init__(self, sources: dict[str, Source], units: list[Unit], spec: models.InputSpec, batch_size: int,
-                 max_pixels: int) -> None:  # fmt: skip
+    def __init__(
+        self, sources: dict[str, Source], units: list[Unit], spec: models.InputSpec, batch_size: int, max_pixels: int
+    ) -> None:
         self.sources, self.units, self.spec = sources, units, spec
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
@@ -303,8 +304,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     return result
 
 
-def _forward(scorer: ScoringModel, model: torch.nn.Module, x: torch.Tensor, logits_kind: str,
-             cfg: ScoreConfig, use_bf16: bool) -> dict[str, np.ndarray]:  # fmt: skip
+def _forward(
+    scorer: ScoringModel, model: torch.nn.Module, x: torch.Tensor, logits_kind: str, cfg: ScoreConfig, use_bf16: bool
+) -> dict[str, np.ndarray]:
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
         out = scorer(x)
         cols = {k: v for k, v in logit_scores(out.logits).items()}
@@ -322,12 +324,12 @@ def _forward(scorer: ScoringModel, model: torch.nn.Module, x: torch.Tensor, logi
                 cols[name] = value
     if cfg.odin:
         cols["odin"] = odin_score(model, x, cfg.odin_temperature, cfg.odin_eps)
-    return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
-            for k, v in cols.items()}  # fmt: skip
+    return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in cols.items()}
 
 
-def _write_unit(pool: Pool, unit: Unit, rows: UnitRows, schema: pa.Schema, teacher_sha: str,
-                result: ScoreResult) -> None:  # fmt: skip
+def _write_unit(
+    pool: Pool, unit: Unit, rows: UnitRows, schema: pa.Schema, teacher_sha: str, result: ScoreResult
+) -> None:
     samples = rows.table(unit.source, unit.id, schema)
     errors = rows.error_table(unit.source, unit.id)
     seconds = time.perf_counter() - rows.started
@@ -347,8 +349,15 @@ def _write_unit(pool: Pool, unit: Unit, rows: UnitRows, schema: pa.Schema, teach
     st.seconds += seconds
 
 
-def _prepare_pool(pool: Pool, cfg: ScoreConfig, teacher: models.LoadedModel, sources: dict[str, Source],
-                  logits_kind: str, embed_dim: int, has_bn: bool) -> None:  # fmt: skip
+def _prepare_pool(
+    pool: Pool,
+    cfg: ScoreConfig,
+    teacher: models.LoadedModel,
+    sources: dict[str, Source],
+    logits_kind: str,
+    embed_dim: int,
+    has_bn: bool,
+) -> None:
     """Create pool.json, or check that an existing pool was scored the same way."""
     settings = {
         "teacher_sha256": teacher.fingerprint,
@@ -386,7 +395,7 @@ def _prepare_pool(pool: Pool, cfg: ScoreConfig, teacher: models.LoadedModel, sou
             "logits": {
                 "kind": logits_kind.split(":")[0],
                 "k": int(logits_kind.split(":")[1]) if ":" in logits_kind else len(teacher.classes),
-            },  # fmt: skip
+            },
             "scores": {
                 name: {"definition": d, "direction": DIRECTION}
                 for name, d in SCORES.items()

@@ -25,7 +25,7 @@ class FitConfig:
 
 def to_input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """uint8 N×S×S (grayscale at the model's size) -> normalised float N×1×S×S."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255).unsqueeze(1)
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div_(255).unsqueeze(1)
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     return (x - mean) / std
@@ -53,6 +53,8 @@ def fit_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfi
 @torch.inference_mode()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))  # fmt: skip
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
     return correct / max(1, len(x))

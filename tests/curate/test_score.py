@@ -94,7 +94,7 @@ def test_rerun_skips_done_units(pool, teacher):
     res = score(
         ScoreConfig(
             teacher=str(teacher), sources=["noise=synthetic:noise?n=300&unit=128"], pool=str(pool), show_progress=False
-        )  # fmt: skip
+        )
     )
     assert res.per_source["noise"].units_skipped == 3 and res.rows == 0
     assert before == {p: p.stat().st_mtime_ns for p in pool.glob("samples/*/*.parquet")}
@@ -118,7 +118,7 @@ def test_ivf_pq_index_under_a_small_budget(teacher, tmp_path):
     score(
         ScoreConfig(
             teacher=str(teacher), sources=["s=synthetic:shaders?n=3000&size=8"], pool=str(tmp_path), show_progress=False
-        )  # fmt: skip
+        )
     )
     assert choose_kind(3000, 32, 4 * 2**30, "auto")[0] == "flat"
     assert choose_kind(3000, 32, 200_000, "auto")[0] == "ivf-pq"
@@ -134,14 +134,17 @@ def test_topk_logits_and_teacher_without_batchnorm(mlp_teacher, tmp_path):
             pool=str(tmp_path),
             logits="topk:3",
             show_progress=False,
-        )  # fmt: skip
+        )
     )
     t = duckdb.sql(f"SELECT * FROM {SAMPLES}".format(pool=tmp_path)).to_arrow_table()
     assert "logits" not in t.column_names and {"topk_idx", "topk_val", "logsumexp"} <= set(t.column_names)
     assert t.column("bn_score").null_count == 50  # null, not garbage
     row = t.slice(0, 1).to_pylist()[0]
     assert row["topk_idx"][0] == row["pred"] and row["topk_val"][0] == pytest.approx(row["max_logit"])
-    assert json.loads((tmp_path / "pool.json").read_text())["bn_score_available"] is False
+    meta = json.loads((tmp_path / "pool.json").read_text())
+    assert meta["bn_score_available"] is False and "odin" in meta["scores"]
+    odin = t.column("odin").to_numpy()
+    assert t.column("odin").null_count == 0 and ((odin > 0) & (odin <= 1)).all()
 
 
 def make_bad_folder(root) -> int:
@@ -167,8 +170,17 @@ def make_bad_folder(root) -> int:
 
 def test_corrupt_files_land_in_errors_and_the_exit_code_follows_the_rate(teacher, tmp_path):
     n_good = make_bad_folder(tmp_path / "imgs")
-    args = ["curate", "score", "--teacher", str(teacher), "--source", f"f=folder:{tmp_path / 'imgs'}",
-            "--pool", str(tmp_path / "pool"), "--no-progress"]  # fmt: skip
+    args = [
+        "curate",
+        "score",
+        "--teacher",
+        str(teacher),
+        "--source",
+        f"f=folder:{tmp_path / 'imgs'}",
+        "--pool",
+        str(tmp_path / "pool"),
+        "--no-progress",
+    ]
     proc = run_cli(*args)
     assert proc.returncode == 1 and "exceeds --max-error-rate" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -185,8 +197,21 @@ def test_corrupt_files_land_in_errors_and_the_exit_code_follows_the_rate(teacher
 
 def test_sigkill_at_any_moment_then_rerun_is_exactly_once(teacher, tmp_path):
     n = 2400
-    args = [sys.executable, "-m", "curate", "score", "--teacher", str(teacher), "--pool", str(tmp_path / "p"),
-            "--source", f"s=synthetic:shaders?n={n}&size=32&unit=100", "--batch-size", "50", "--no-progress"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "curate",
+        "score",
+        "--teacher",
+        str(teacher),
+        "--pool",
+        str(tmp_path / "p"),
+        "--source",
+        f"s=synthetic:shaders?n={n}&size=32&unit=100",
+        "--batch-size",
+        "50",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     pool = Pool(tmp_path / "p")
     for kill_after in (2, 9):  # kill twice, at different points

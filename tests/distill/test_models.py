@@ -76,8 +76,14 @@ def test_torchscript_teacher_scores_without_hooks(tmp_path, teacher):
     torch.jit.script(loaded.model).save(str(path))
     ts = models.load(f"torchscript:{path}?size=8&channels=1&mean=0.25&std=0.35")
     assert ts.scripted and ts.fingerprint == loaded.fingerprint
-    res = score(ScoreConfig(teacher=f"torchscript:{path}?size=8&channels=1&mean=0.25&std=0.35",
-                            sources=["d=builtin:digits?stop=30"], pool=str(tmp_path / "p"), show_progress=False))  # fmt: skip
+    res = score(
+        ScoreConfig(
+            teacher=f"torchscript:{path}?size=8&channels=1&mean=0.25&std=0.35",
+            sources=["d=builtin:digits?stop=30"],
+            pool=str(tmp_path / "p"),
+            show_progress=False,
+        )
+    )
     assert res.rows == 30
     import duckdb
 
