@@ -133,6 +133,7 @@ def test_topk_logits_and_teacher_without_batchnorm(mlp_teacher, tmp_path):
             sources=["d=builtin:digits?stop=50"],
             pool=str(tmp_path),
             logits="topk:3",
+            odin=True,
             show_progress=False,
         )
     )
