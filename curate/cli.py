@@ -101,6 +101,28 @@ def index(
     )
 
 
+@app.command()
+def sql(
+    pool: str = typer.Argument(..., help="Pool directory."),
+    query: str = typer.Argument(..., help="SQL over the views samples, errors (and selection)."),
+    format: str = typer.Option("table", help="table, csv, json (one object per line) or parquet."),
+    out: str = typer.Option(None, help="Write the result to this file instead of stdout."),
+    selection: str = typer.Option(None, help="A selection directory, exposed as the view 'selection'."),
+    limit: int = typer.Option(50, help="Rows shown by --format table."),
+) -> None:
+    """Query a pool with DuckDB (read-only). Views: samples (source is a column), errors, selection.
+
+    Macros: prob(logits, k), topk_classes(logits, k), rel_entropy(list_of_counts).
+    Example: curate sql pool/ 'SELECT source, count(*), avg(confidence) FROM samples GROUP BY source'
+    """
+    from curate.query import sql as run
+
+    n = run(pool, query, format=format, out=out, selection=selection, limit=limit)
+    if out:
+        out_console = Console(stderr=True)
+        out_console.print(f"{n:,} rows -> {out}")
+
+
 def main() -> None:
     try:
         app()

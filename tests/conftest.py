@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from curate.generated import _digits
+from curate.score import ScoreConfig, score
 from distill import models
 from distill.train import FitConfig, fit_arrays, to_input
 
@@ -57,3 +58,24 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     greater = (pos[:, None] > neg[None, :]).mean()
     ties = (pos[:, None] == neg[None, :]).mean()
     return float(greater + 0.5 * ties)
+
+
+@pytest.fixture(scope="session")
+def pool(teacher, tmp_path_factory):
+    """digits[1500:] (held out from the teacher) against noise, dead leaves and glyphs."""
+    root = tmp_path_factory.mktemp("pool") / "pool"
+    cfg = ScoreConfig(
+        teacher=str(teacher),
+        sources=[
+            "digits=builtin:digits?start=1500&unit=100",
+            "noise=synthetic:noise?n=300&unit=128",
+            "leaves=synthetic:dead-leaves?n=200",
+            "glyphs=synthetic:glyphs?n=200",
+        ],
+        pool=str(root),
+        batch_size=64,
+        show_progress=False,
+    )
+    result = score(cfg)
+    assert result.rows == 297 + 300 + 200 + 200
+    return root

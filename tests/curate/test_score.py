@@ -27,27 +27,6 @@ from tests.conftest import ROOT, auroc, run_cli
 SAMPLES = "read_parquet('{pool}/samples/*/*.parquet', hive_partitioning=1)"
 
 
-@pytest.fixture(scope="module")
-def pool(teacher, tmp_path_factory):
-    """digits[1500:] (held out from the teacher) against noise, dead leaves and glyphs."""
-    root = tmp_path_factory.mktemp("pool") / "pool"
-    cfg = ScoreConfig(
-        teacher=str(teacher),
-        sources=[
-            "digits=builtin:digits?start=1500&unit=100",
-            "noise=synthetic:noise?n=300&unit=128",
-            "leaves=synthetic:dead-leaves?n=200",
-            "glyphs=synthetic:glyphs?n=200",
-        ],
-        pool=str(root),
-        batch_size=64,
-        show_progress=False,
-    )
-    result = score(cfg)
-    assert result.rows == 297 + 300 + 200 + 200
-    return root
-
-
 def test_pool_layout_columns_and_conventions(pool):
     meta = json.loads((pool / "pool.json").read_text())
     assert meta["teacher"]["sha256"] and meta["classes"] == [str(i) for i in range(10)]

@@ -1,0 +1,83 @@
+"""`curate sql`: DuckDB views and macros over a real pool, read-only, errors as one line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from curate.errors import UserError
+from curate.query import connect, sql
+from tests.conftest import run_cli
+
+
+def snapshot(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_views_and_group_by(pool):
+    con = connect(str(pool))
+    rows = con.execute("SELECT source, count(*) FROM samples GROUP BY source ORDER BY source").fetchall()
+    assert rows == [("digits", 297), ("glyphs", 200), ("leaves", 200), ("noise", 300)]
+    assert con.execute("SELECT count(*) FROM errors").fetchone() == (0,)
+
+
+def test_macros_match_hand_computations(pool):
+    con = connect(str(pool))
+    logits, pred, conf, p, top = con.execute(
+        "SELECT logits, pred, confidence, prob(logits, pred), topk_classes(logits, 3) FROM samples LIMIT 1"
+    ).fetchone()
+    z = [math.exp(v - max(logits)) for v in logits]
+    assert p == pytest.approx(z[pred] / sum(z), rel=1e-5) and p == pytest.approx(conf, rel=1e-5)
+    assert top == sorted(range(10), key=lambda k: -logits[k])[:3] and top[0] == pred
+    uniform, peaked = con.execute(
+        "SELECT rel_entropy([5, 5, 5, 5, 5, 5, 5, 5, 5, 5]), rel_entropy([9, 0, 0])"
+    ).fetchone()
+    assert uniform == pytest.approx(1.0) and peaked == pytest.approx(0.0)
+    h = con.execute(
+        "SELECT rel_entropy(list(n)) FROM (SELECT pred, count(*) n FROM samples WHERE source='digits' GROUP BY pred)"
+    ).fetchone()[0]
+    assert 0.9 < h <= 1.0  # held-out digits: the teacher predicts all ten classes about evenly
+
+
+def test_outputs_csv_json_parquet_and_the_pool_is_untouched(pool, tmp_path, capsys):
+    before = snapshot(pool)
+    q = "SELECT uid, source, confidence FROM samples WHERE confidence > 0.9 ORDER BY uid"
+    expected = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*) FROM read_parquet('{pool}/samples/*/*.parquet', hive_partitioning=1) "
+            "WHERE confidence > 0.9"
+        )
+        .fetchone()[0]
+    )
+    assert sql(str(pool), q, format="parquet", out=str(tmp_path / "r.parquet")) == expected
+    assert pq.read_table(tmp_path / "r.parquet").num_rows == expected
+    assert sql(str(pool), q, format="csv") == expected
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["uid", "source", "confidence"] and len(rows) == expected + 1
+    sql(str(pool), q + " LIMIT 3", format="json")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and set(json.loads(lines[0])) == {"uid", "source", "confidence"}
+    assert snapshot(pool) == before
+    with pytest.raises(UserError, match="inside the pool"):
+        sql(str(pool), q, format="parquet", out=str(pool / "x.parquet"))
+
+
+def test_table_output_truncates_wide_lists(pool):
+    proc = run_cli("curate", "sql", str(pool), "SELECT logits, embedding FROM samples", "--limit", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "…] (10)" in proc.stdout and "…] (32)" in proc.stdout and "first 2 rows shown" in proc.stdout
+
+
+@pytest.mark.parametrize("query", ["SELECT nope FROM samples", "SELEKT 1", "SELECT * FROM missing_table"])
+def test_sql_errors_are_one_line_exit_2(pool, query):
+    proc = run_cli("curate", "sql", str(pool), query)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SQL error:")
