@@ -148,21 +148,31 @@ def index(
 
 
 def measure_recall(pool: Pool, idx: faiss.Index, queries: np.ndarray, k: int = 10) -> float:
-    """Recall@k of `idx` against exact search, the exact top-k merged over streamed batches."""
+    """Recall@k of `idx` against exact search, tie-aware: a returned id is a hit when its exact
+    similarity reaches the k-th best exact similarity (duplicates make id sets ambiguous). The exact
+    top-k and the returned ids' vectors are gathered in one streamed pass."""
     if len(queries) == 0:
         return 1.0
     k_eff = min(k, idx.ntotal)
-    best_s = np.full((len(queries), k_eff), -np.inf, np.float32)
-    best_i = np.full((len(queries), k_eff), -1, np.int64)
+    _, found = idx.search(queries, k_eff)
+    wanted = np.unique(found[found != -1])
+    best = np.full((len(queries), k_eff), -np.inf, np.float32)
+    kept_ids, kept_vecs = [], []
     for uids, vecs in embedding_batches(pool):
         s = queries @ vecs.T
-        all_s = np.concatenate([best_s, s], 1)
-        all_i = np.concatenate([best_i, np.broadcast_to(uids, s.shape)], 1)
-        top = np.argpartition(-all_s, k_eff - 1, axis=1)[:, :k_eff]
-        best_s = np.take_along_axis(all_s, top, 1)
-        best_i = np.take_along_axis(all_i, top, 1)
-    _, found = idx.search(queries, k_eff)
-    hits = sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), best_i.tolist(), strict=True))
+        merged = np.concatenate([best, s], 1)
+        best = -np.partition(-merged, k_eff - 1, axis=1)[:, :k_eff]
+        mask = np.isin(uids, wanted)
+        kept_ids.append(uids[mask])
+        kept_vecs.append(vecs[mask])
+    ids, vecs = np.concatenate(kept_ids), np.concatenate(kept_vecs)
+    row_of = {int(u): i for i, u in enumerate(ids)}
+    kth = best.min(1)
+    hits = 0
+    for q, row in enumerate(found):
+        rows = [row_of[int(u)] for u in row if int(u) in row_of]
+        if rows:
+            hits += int((vecs[rows] @ queries[q] >= kth[q] - 1e-5).sum())
     return round(hits / (len(queries) * k_eff), 4)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from curate.generated import _digits
 from curate.score import ScoreConfig, score
@@ -20,11 +21,41 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = models.InputSpec(8, 1, (0.25,), (0.35,))
 
 
-def train_digits_teacher(path: Path, name: str = "cnn-tiny", steps: int = 150) -> Path:
+def train_digits_teacher(
+    path: Path, name: str = "cnn-tiny", steps: int = 200, seed: int = 0, outlier_exposure: bool = True
+) -> Path:
+    """Train on digits[:1500]. With outlier exposure (Hendrycks et al. 2019) every step also pushes the
+    softmax on a batch of uniform noise towards uniform, so the teacher is unsure on noise; without it
+    a ReLU network is typically *confidently* wrong there (Hein et al. 2019)."""
     x, y = _digits()
+    torch.manual_seed(seed)
     model, factory, kwargs = models.build(name, 10, DIGITS_SPEC)
-    torch.manual_seed(0)
-    fit_arrays(model, to_input(x[:1500], DIGITS_SPEC), torch.from_numpy(y[:1500]), FitConfig(steps=steps))
+    xt, yt = to_input(x[:1500], DIGITS_SPEC), torch.from_numpy(y[:1500])
+    if not outlier_exposure:
+        fit_arrays(model, xt, yt, FitConfig(steps=steps, seed=seed))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            idx = torch.randint(0, len(xt), (128,), generator=gen)
+            noise = to_input(torch.randint(0, 256, (64, 8, 8), generator=gen, dtype=torch.uint8).numpy(), DIGITS_SPEC)
+            out = model(torch.cat([xt[idx], noise]))
+            loss = F.cross_entropy(out[:128], yt[idx]) - 0.5 * F.log_softmax(out[128:], 1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        # the noise batches moved the BatchNorm running statistics: recompute them on the digits alone
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        with torch.no_grad():
+            for i in range(0, len(xt), 250):
+                model(xt[i : i + 250])
+        for m in bns:
+            m.momentum = 0.1
+        model.eval()
     models.save_checkpoint(path, model, factory, kwargs, [str(i) for i in range(10)], DIGITS_SPEC)
     return path
 
@@ -38,7 +69,13 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mlp_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher without BatchNorm."""
-    return train_digits_teacher(tmp_path_factory.mktemp("mlp") / "mlp.pt", name="mlp", steps=60)
+    return train_digits_teacher(tmp_path_factory.mktemp("mlp") / "mlp.pt", name="mlp", steps=60, outlier_exposure=False)
+
+
+@pytest.fixture(scope="session")
+def plain_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BatchNorm CNN trained on digits alone (no outlier exposure)."""
+    return train_digits_teacher(tmp_path_factory.mktemp("plain") / "plain.pt", outlier_exposure=False)
 
 
 def run_cli(*args: str, timeout: int = 300, check: bool = False) -> subprocess.CompletedProcess:
@@ -68,7 +105,7 @@ def pool(teacher, tmp_path_factory):
         teacher=str(teacher),
         sources=[
             "digits=builtin:digits?start=1500&unit=100",
-            "noise=synthetic:noise?n=300&unit=128",
+            "noise=synthetic:noise?n=300&size=8&unit=128",
             "leaves=synthetic:dead-leaves?n=200",
             "glyphs=synthetic:glyphs?n=200",
         ],

@@ -55,12 +55,28 @@ def test_duckdb_reads_the_pool_with_hive_partitioning(pool):
 
 
 def test_scores_separate_in_distribution_from_noise(pool):
-    """On a teacher trained in the test, confidence, energy and bn_score rank held-out digits above noise."""
+    """On a teacher trained in the test (with outlier exposure), confidence, energy and bn_score rank
+    held-out digits above noise."""
     con = duckdb.connect()
     for col in ("confidence", "energy", "bn_score"):
         pos = con.sql(f"SELECT {col} FROM {SAMPLES} WHERE source='digits'".format(pool=pool)).fetchnumpy()[col]
         neg = con.sql(f"SELECT {col} FROM {SAMPLES} WHERE source='noise'".format(pool=pool)).fetchnumpy()[col]
         assert auroc(pos, neg) > 0.9, col
+
+
+def test_bn_score_separates_noise_even_for_an_overconfident_teacher(plain_teacher, tmp_path):
+    """bn_score needs no calibrated softmax: it flags noise from the BatchNorm statistics alone."""
+    score(
+        ScoreConfig(
+            teacher=str(plain_teacher),
+            sources=["digits=builtin:digits?start=1500", "noise=synthetic:noise?n=300"],
+            pool=str(tmp_path),
+            show_progress=False,
+        )
+    )
+    q = f"SELECT bn_score FROM {SAMPLES} WHERE source=".format(pool=tmp_path)
+    pos, neg = (duckdb.sql(q + f"'{s}'").fetchnumpy()["bn_score"] for s in ("digits", "noise"))
+    assert auroc(pos, neg) > 0.9
 
 
 def test_teacher_accuracy_is_visible_through_sql(pool):
@@ -72,7 +88,10 @@ def test_rerun_skips_done_units(pool, teacher):
     before = {p: p.stat().st_mtime_ns for p in pool.glob("samples/*/*.parquet")}
     res = score(
         ScoreConfig(
-            teacher=str(teacher), sources=["noise=synthetic:noise?n=300&unit=128"], pool=str(pool), show_progress=False
+            teacher=str(teacher),
+            sources=["noise=synthetic:noise?n=300&size=8&unit=128"],
+            pool=str(pool),
+            show_progress=False,
         )
     )
     assert res.per_source["noise"].units_skipped == 3 and res.rows == 0
