@@ -47,8 +47,13 @@ def score(
 ) -> None:
     """Run the teacher over image sources; write logits, scores and embeddings to a pool.
 
-    Example: curate score --teacher runs/teacher --source 'shop=folder:/data/shop' --pool pool/
-    A killed run resumes where it stopped: rerun the same command."""
+    A killed run resumes where it stopped: rerun the same command.
+
+    \b
+    Example:
+      curate score --teacher runs/teacher/student.pt --pool pool/ \\
+        --source 'shop=folder:/data/shop' --source 'leaves=synthetic:dead-leaves?n=10000'
+    """
     from curate.score import ScoreConfig
     from curate.score import score as run
 
@@ -113,7 +118,10 @@ def sql(
     """Query a pool with DuckDB (read-only). Views: samples (source is a column), errors, selection.
 
     Macros: prob(logits, k), topk_classes(logits, k), rel_entropy(list_of_counts).
-    Example: curate sql pool/ 'SELECT source, count(*), avg(confidence) FROM samples GROUP BY source'
+
+    \b
+    Example:
+      curate sql pool/ 'SELECT source, count(*), avg(confidence) FROM samples GROUP BY source'
     """
     from curate.query import sql as run
 
