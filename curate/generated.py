@@ -106,7 +106,7 @@ class SyntheticSource(Source):
             raise UserError(f"source {self.name}: unknown synthetic kind {self.location!r}; use {', '.join(SYNTHETIC)}")
 
     def units(self) -> list[Unit]:
-        return self.chunk(self.opt_int("n", 1000), self.opt_int("unit", 4096))
+        return self.chunk(0, self.opt_int("n", 1000), self.opt_int("unit", 4096))
 
     def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
         make, seed, size = SYNTHETIC[self.location], self.opt_int("seed", 0), self.opt_int("size", 32)
@@ -199,11 +199,7 @@ class BuiltinSource(ArraySource):
     def units(self) -> list[Unit]:
         n = self.opt_int("n", 1000) if self.location == "photos" else len(self._full()[0])
         start, stop = self._range(n)
-        size = self.opt_int("unit", 4096)
-        return [
-            Unit(self.name, f"{(i - start) // size:06d}", (i, min(stop, i + size)), min(stop, i + size) - i)
-            for i in range(start, stop, size)
-        ]
+        return self.chunk(start, stop, self.opt_int("unit", 4096))
 
     def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
         if self.location == "photos":

@@ -9,12 +9,10 @@ and written beside the index in embeddings.json.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -174,15 +172,3 @@ def measure_recall(pool: Pool, idx: faiss.Index, queries: np.ndarray, k: int = 1
         if rows:
             hits += int((vecs[rows] @ queries[q] >= kth[q] - 1e-5).sum())
     return round(hits / (len(queries) * k_eff), 4)
-
-
-def load_index(pool_dir: str) -> tuple[faiss.Index, dict[str, Any]]:
-    pool = Pool(pool_dir)
-    path = pool.index_dir / "embeddings.faiss"
-    if not path.is_file():
-        raise UserError(f"pool {pool.root} has no index; build it with 'curate index {pool.root}'")
-    return faiss.read_index(str(path)), json.loads((pool.index_dir / "embeddings.json").read_text())
-
-
-def index_path(pool_dir: str) -> Path:
-    return Pool(pool_dir).index_dir / "embeddings.faiss"

@@ -176,7 +176,6 @@ class UnitRows:
                 width = f.type.list_size
                 flat = pa.array(values.reshape(-1).astype(f.type.value_type.to_pandas_dtype()), f.type.value_type)
                 cols[f.name] = pa.FixedSizeListArray.from_arrays(flat, width)
-                assert len(cols[f.name]) == len(keys) or width == 0
             else:
                 cols[f.name] = pa.array(values.astype(f.type.to_pandas_dtype()), f.type)
         return pa.table([cols[f.name] for f in schema], schema=schema)
@@ -309,7 +308,7 @@ def _forward(
 ) -> dict[str, np.ndarray]:
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
         out = scorer(x)
-        cols = {k: v for k, v in logit_scores(out.logits).items()}
+        cols = dict(logit_scores(out.logits))
         if logits_kind == "full":
             cols["logits"] = out.logits
         else:

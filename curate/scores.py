@@ -100,7 +100,6 @@ class ScoringModel:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
                 self.has_bn = True
                 self.hooks.append(m.register_forward_pre_hook(self._bn_hook))
-        self.embed_layer = embed_layer
 
     def _capture_feat(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._feat = inputs[0]

@@ -30,7 +30,7 @@ from curate.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-DEFAULT_UNIT = {"folder": 1024, "parquet": 0, "wds": 0}
+FOLDER_UNIT = 1024
 DEFAULT_UNIT_RECORDS = 4096
 
 
@@ -92,11 +92,12 @@ class Source:
         except ValueError:
             raise UserError(f"source {self.name}: option {key}= needs an integer, got {self.opts[key]!r}") from None
 
-    def chunk(self, n: int, size: int) -> list[Unit]:
-        """Units of `size` records over [0, n)."""
+    def chunk(self, start: int, stop: int, size: int) -> list[Unit]:
+        """Units of `size` records over [start, stop); unit ids count from 0 at `start`."""
         size = max(1, size)
         return [
-            Unit(self.name, f"{i // size:06d}", (i, min(n, i + size)), min(n, i + size) - i) for i in range(0, n, size)
+            Unit(self.name, f"{(i - start) // size:06d}", (i, min(stop, i + size)), min(stop, i + size) - i)
+            for i in range(start, stop, size)
         ]
 
 
@@ -123,7 +124,7 @@ class FolderSource(Source):
 
     def units(self) -> list[Unit]:
         files = self._files()
-        size = self.opt_int("unit", DEFAULT_UNIT["folder"])
+        size = self.opt_int("unit", FOLDER_UNIT)
         return [
             Unit(self.name, f"{i // size:06d}", tuple(files[i : i + size]), len(files[i : i + size]))
             for i in range(0, len(files), size)
@@ -236,11 +237,12 @@ class ParquetSource(Source):
         path, rg = unit.args
         col, label_col, key_col = self.opts.get("column", "image"), self.opts.get("label"), self.opts.get("key")
         cols = [c for c in (col, label_col, key_col) if c]
-        table = pq.ParquetFile(path).read_row_group(rg, columns=cols)
+        parquet = pq.ParquetFile(path)
+        table = parquet.read_row_group(rg, columns=cols)
         images = table.column(col).to_pylist()
         labels = table.column(label_col).to_pylist() if label_col else [None] * len(images)
         keys = table.column(key_col).to_pylist() if key_col else None
-        offset = sum(pq.ParquetFile(path).metadata.row_group(i).num_rows for i in range(rg))
+        offset = sum(parquet.metadata.row_group(i).num_rows for i in range(rg))
         stem = Path(path).stem
         for i, img in enumerate(images):
             key = str(keys[i]) if keys else f"{stem}/{offset + i}"
@@ -262,7 +264,7 @@ class ArraySource(Source):
 
     def units(self) -> list[Unit]:
         images, _ = self.arrays()
-        return self.chunk(len(images), self.opt_int("unit", DEFAULT_UNIT_RECORDS))
+        return self.chunk(0, len(images), self.opt_int("unit", DEFAULT_UNIT_RECORDS))
 
     def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
         images, labels = self.arrays()
