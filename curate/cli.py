@@ -131,6 +131,61 @@ def sql(
         out_console.print(f"{n:,} rows -> {out}")
 
 
+@app.command()
+def select(
+    pool: str = typer.Argument(..., help="Pool directory."),
+    strategy: str = typer.Option(..., help="threshold, top-per-class, weighted, balanced, near or diverse."),
+    out: str = typer.Option(..., help="Selection directory (selection.parquet + selection.json)."),
+    where: str = typer.Option(None, help="SQL filter over the samples view, applied first."),
+    score: str = typer.Option("confidence", help="Column or SQL expression ranking samples (higher = better)."),
+    n: int = typer.Option(None, help="How many samples (weighted, balanced, near, diverse)."),
+    per_class: int = typer.Option(None, help="top-per-class: K per predicted class."),
+    threshold: float = typer.Option(None, help="threshold: keep score >= T."),
+    fraction: float = typer.Option(None, help="threshold: keep the top fraction F by score instead."),
+    temperature: float = typer.Option(1.0, help="weighted: p ∝ softmax(score / T)."),
+    gamma: float = typer.Option(None, help="weighted: p ∝ score ** GAMMA instead of the softmax."),
+    replace: bool = typer.Option(False, help="weighted: draw with replacement (weight = times drawn)."),
+    reference: list[str] = typer.Option(None, help="near: NAME=SPEC of reference images, repeatable."),
+    k: int = typer.Option(10, help="near: score = cosine similarity to the k-th nearest reference."),
+    clusters: int = typer.Option(64, help="diverse: k-means clusters (equal quotas)."),
+    dedup: str = typer.Option(None, help="exact (content hash) or near:COS (embedding cosine >= COS)."),
+    seed: int = typer.Option(0, help="Seed of every random choice; same seed, same selection."),
+) -> None:
+    """Select a subset of a pool: SQL filter -> strategy -> dedup. Writes selection.parquet/.json.
+
+    \b
+    Examples:
+      curate select pool/ --strategy top-per-class --per-class 500 --score energy --out sel/
+      curate select pool/ --strategy weighted --n 20000 --temperature 0.5 --where "source <> 'noise'" --out sel/
+      curate select pool/ --strategy near --reference 'task=folder:refs/' --n 5000 --out sel/
+    """
+    from curate.select import SelectConfig
+    from curate.select import select as run
+
+    res = run(
+        SelectConfig(
+            pool=pool, strategy=strategy, out=out, where=where, score=score, n=n, per_class=per_class,
+            threshold=threshold, fraction=fraction, temperature=temperature, gamma=gamma, replace=replace,
+            references=list(reference or []), k=k, clusters=clusters, dedup=dedup, seed=seed,
+        )
+    )  # fmt: skip
+    table = Table()
+    table.add_column("source")
+    table.add_column("selected", justify="right")
+    for name, c in sorted(res.per_source.items()):
+        table.add_row(name, f"{c:,}")
+    out_console = Console()
+    out_console.print(table)
+    out_console.print(f"{res.rows:,} of {res.candidates:,} candidates selected -> {res.out}")
+    out_console.print(
+        "per class: " + ", ".join(f"{k}={v}" for k, v in res.per_class.items())
+        + f"; relative entropy {res.rel_entropy:.3f}"
+        + (f"; dedup removed {res.dedup_removed:,}" if res.dedup_removed else "")
+    )  # fmt: skip
+    if res.short_classes:
+        out_console.print("classes short of --per-class: " + ", ".join(f"{k} ({v})" for k, v in res.short_classes.items()))
+
+
 def main() -> None:
     try:
         app()
