@@ -186,6 +186,48 @@ def select(
         out_console.print("classes short of --per-class: " + ", ".join(f"{k} ({v})" for k, v in res.short_classes.items()))
 
 
+@app.command()
+def report(
+    pool: str = typer.Argument(..., help="Pool directory."),
+    out: str = typer.Option(..., help="Report directory: report.html, PNGs beside it, report.json."),
+    selection: str = typer.Option(None, help="A selection directory to describe against the pool."),
+    score: str = typer.Option("confidence", help="Score ranking the thumbnails (most and least related)."),
+    thumbs: int = typer.Option(12, help="Thumbnails per source and direction."),
+    task_source: list[str] = typer.Option(
+        None, help="Sources that belong to the teacher's task (default: labelled sources with the teacher's classes)."
+    ),
+) -> None:
+    """Write an HTML report of a pool (and a selection): counts, score histograms, class histograms,
+    how well each score finds the task, thumbnails; print a summary.
+
+    \b
+    Example:
+      curate report pool/ --selection sel/ --out report/ && chromium report/report.html
+    """
+    from curate.report import report as run
+
+    res = run(pool, out, selection=selection, score=score, thumbs=thumbs, task_sources=list(task_source or []))
+    table = Table()
+    for col in ("source", "samples", "errors", "confidence", "energy", "bn_score", "H/log C", "task"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in res.sources:
+        table.add_row(
+            s["source"], f"{s['rows']:,}", f"{s['errors']:,}", _f(s["confidence"]), _f(s["energy"]),
+            _f(s["bn_score"]), _f(s["rel_entropy"]), "yes" if s["task"] else "",
+        )  # fmt: skip
+    out_console = Console()
+    out_console.print(table)
+    if res.auroc:
+        out_console.print("AUROC (task sources positive): " + ", ".join(f"{k} {v:.3f}" for k, v in res.auroc.items()))
+    if res.selection and "precision" in res.selection:
+        out_console.print(f"selection: {res.selection['rows']:,} rows, precision {res.selection['precision']:.3f}")
+    out_console.print(f"report -> {res.html}")
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def main() -> None:
     try:
         app()

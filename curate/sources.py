@@ -339,6 +339,21 @@ def _load_npy(path: str) -> np.ndarray:
         raise UserError(f"cannot read {path} as .npy: {e}") from None
 
 
+# ------------------------------------------------------------------------------------------ re-reading
+
+
+def read_keys(source: Source, wanted: dict[str, set[str]]) -> Iterator[tuple[str, RawSample]]:
+    """Re-read samples of a scored source: `wanted` maps unit id -> keys. Yields (unit id, sample) for the
+    keys found; a unit is read once, in the source's own order, so this streams like scoring did."""
+    for unit in source.units():
+        keys = wanted.get(unit.id)
+        if not keys:
+            continue
+        for item in source.read(unit):
+            if isinstance(item, RawSample) and item.key in keys:
+                yield unit.id, item
+
+
 # ------------------------------------------------------------------------------------------ parsing
 
 KINDS: dict[str, type[Source]] = {
