@@ -228,6 +228,45 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+@app.command()
+def export(
+    pool: str = typer.Argument(None, help="Pool directory (with --selection)."),
+    out: str = typer.Option(..., help="Shard directory: shard-NNNNNN.tar, manifest.json."),
+    selection: str = typer.Option(None, help="Selection directory from 'curate select'."),
+    source: list[str] = typer.Option(None, help="Export a labelled source instead, no teacher: NAME=KIND:LOCATION."),
+    shard_size: int = typer.Option(10_000, help="Samples per shard."),
+    soft_labels: str = typer.Option("full", help="full (float16 logits) or topk:K (the K largest, with indices)."),
+    workers: int = typer.Option(-1, help="Writer processes; -1 = one per core."),
+    seed: int = typer.Option(0, help="Seed of the order in which units are spread over shards."),
+    overwrite: bool = typer.Option(False, help="Replace shards of a different export in --out."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write a selection (image bytes + teacher soft labels) or a labelled source as WebDataset shards.
+
+    A killed export resumes: rerun the same command; complete shards are kept.
+
+    \b
+    Examples:
+      curate export pool/ --selection sel/ --out shards/
+      curate export --source 'test=builtin:fashion-mnist?split=test' --out eval-shards/
+    """
+    from curate.export import ExportConfig
+    from curate.export import export as run
+
+    res = run(
+        ExportConfig(out=out, pool=pool, selection=selection, sources=list(source or []) or None,
+                     shard_size=shard_size, soft_labels=soft_labels, workers=workers, seed=seed,
+                     overwrite=overwrite, show_progress=progress)
+    )  # fmt: skip
+    rate = res.samples / res.seconds if res.seconds else 0
+    Console().print(
+        f"{res.samples:,} samples in {res.shards} shards ({res.shards_skipped} already done), "
+        f"{res.bytes / 2**20:.1f} MiB, {rate:,.0f} samples/s -> {res.out}/manifest.json"
+    )
+    if res.errors:
+        print(f"warning: {res.errors:,} samples could not be exported; see {res.out}/errors.parquet", file=sys.stderr)
+
+
 def main() -> None:
     try:
         app()

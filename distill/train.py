@@ -1,17 +1,35 @@
-"""Training students and teachers. `fit_arrays` trains a zoo model on labelled in-memory images: it is
-how the demo and the tests make a teacher in seconds."""
+"""Stage 4: train a student from shards (`distill train`), and `fit_arrays`, which trains a zoo model on
+labelled in-memory images (how the demo and the tests make a teacher in seconds).
+
+The loop: AdamW (or SGD + Nesterov) with linear warm-up and a cosine schedule, `--steps` or `--epochs`,
+evaluation every N steps on `--eval` shards, a checkpoint every N steps (`checkpoint.pt`, atomic) and
+`--resume` from it after a kill (the step count, optimizer, schedule and metrics continue; the interrupted
+epoch restarts with a new shard order). CUDA: bf16 autocast, channels_last, pinned memory, non-blocking
+copies. Under torchrun: DDP (gloo on CPU, NCCL on CUDA), shards split by rank, rank 0 writes.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distill.models import InputSpec
+from distill.data import loader, open_shards
+from distill.evaluate import evaluate_model
+from distill.losses import LOSSES, LossConfig, combine
+from distill.metrics import append_metrics, plot_curves, progress_bar, read_metrics, write_json
+from distill.models import InputSpec, SpecError, build, save_checkpoint
 
 
 @dataclass
@@ -58,3 +76,216 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         for i in range(0, len(x), batch_size)
     )
     return correct / max(1, len(x))
+
+
+# ------------------------------------------------------------------------------------------ distill train
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    out: str
+    student: str = "cnn-small"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    warmup: float = 0.03  # share of the steps spent warming the learning rate up
+    loss: str = "kd"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    labels: str = "teacher"  # teacher | true
+    topk_classes: int | None = None
+    weights: bool = True  # per-sample weights from the selection
+    eval: str | None = None
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 50
+    device: str = "auto"
+    workers: int = 2
+    shuffle_buffer: int = 5000
+    flip: bool = False
+    seed: int = 0
+    resume: bool = False
+    show_progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    resumed_from: int
+    final: dict[str, Any]
+    seconds: float
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Distill (or, with --loss ce --labels true, supervise) a student from shards. See module doc."""
+    t0 = time.perf_counter()
+    rank, world, local = _dist_env()
+    device = _device(cfg.device, local)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, rank, world, device, t0)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: float) -> TrainResult:
+    shards = open_shards(cfg.shards)
+    _check(cfg, shards)
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    if rank == 0:
+        if ckpt_path.exists() and not cfg.resume:
+            raise SpecError(f"{out} holds a run already; pass --resume to continue it, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    per_step = cfg.batch_size * world
+    steps = cfg.steps or math.ceil((cfg.epochs or 1) * shards.count / per_step)
+    torch.manual_seed(cfg.seed)
+    model, factory, kwargs = build(cfg.student, len(shards.classes), shards.input)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    opt = _optimizer(cfg, model)
+    warm = max(1, int(cfg.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    step, epoch = 0, 0
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, epoch = int(state["step"]), int(state["epoch"]) + 1  # the interrupted epoch restarts reshuffled
+        torch.set_rng_state(state["rng"])
+    resumed_from = step
+    loss_cfg = LossConfig(cfg.loss, cfg.temperature, cfg.alpha, cfg.labels, cfg.topk_classes)
+    if rank == 0:
+        write_json(out / "config.json", {**asdict(cfg), "steps_total": steps, "world_size": world,
+                                         "classes": shards.classes, "input": shards.manifest["input"],
+                                         "teacher": shards.manifest.get("teacher"), "factory": factory,
+                                         "kwargs": kwargs})  # fmt: skip
+        _truncate_metrics(out / "metrics.jsonl", step)
+    ddp = DDP(model) if world > 1 else model
+    eval_shards = open_shards(cfg.eval) if cfg.eval else None
+    spec = shards.input
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cuda = device.type == "cuda"
+
+    stream = loader(shards, cfg.batch_size, train=True, epoch=epoch, seed=cfg.seed, rank=rank, world=world,
+                    workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip, pin_memory=cuda)  # fmt: skip
+    epoch_size = max(1, shards.count // world)
+
+    final: dict[str, Any] = {}
+    seen, window_t, window_n, window_loss = 0, time.perf_counter(), 0, 0.0
+    ddp.train()
+    with progress_bar("distilling", steps, enabled=cfg.show_progress and rank == 0, start=step) as advance:
+        while step < steps:
+            batch = next(stream)
+            x = batch["image"].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+            x = x.contiguous(memory_format=torch.channels_last)
+            teacher = batch["logits"].to(device, non_blocking=True) if bool(batch["has_logits"].all()) else None
+            labels = batch["label"].to(device, non_blocking=True)
+            weights = batch["weight"].to(device, non_blocking=True) if cfg.weights else None
+            with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
+                logits = ddp(x)
+            loss = combine(loss_cfg, logits.float(), teacher, labels, weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            n = len(x)
+            seen += n
+            window_n += n
+            window_loss += loss.item() * n
+            advance(1, f"loss {loss.item():.3f}")
+            last = step == steps
+            if rank == 0 and (step % cfg.log_every == 0 or last):
+                now = time.perf_counter()
+                row = {"step": step, "epoch": round(epoch + seen / epoch_size, 3), "loss": window_loss / max(1, window_n),
+                       "lr": sched.get_last_lr()[0], "samples_per_s": window_n * world / (now - window_t)}  # fmt: skip
+                append_metrics(out / "metrics.jsonl", row)
+                window_t, window_n, window_loss = now, 0, 0.0
+            if eval_shards is not None and (step % cfg.eval_every == 0 or last):
+                if rank == 0:
+                    final = evaluate_model(model, eval_shards, device, cfg.batch_size * 2, workers=cfg.workers)
+                    append_metrics(out / "metrics.jsonl", {"step": step, **_scalars(final)})
+                ddp.train()
+            if step % cfg.checkpoint_every == 0 or last:
+                if rank == 0:
+                    _save_state(ckpt_path, model, opt, sched, step, epoch + seen // epoch_size)
+                if world > 1:
+                    dist.barrier()
+    if rank == 0:
+        save_checkpoint(out / "student.pt", model, factory, kwargs, shards.classes, spec,
+                        extra={"run": {"steps": step, "loss": cfg.loss, "shards": cfg.shards,
+                                       "teacher": shards.manifest.get("teacher")}})  # fmt: skip
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    return TrainResult(str(out), step, resumed_from, _scalars(final), time.perf_counter() - t0)
+
+
+def _check(cfg: TrainConfig, shards) -> None:
+    if cfg.labels not in ("teacher", "true"):
+        raise SpecError(f"--labels must be teacher or true, got {cfg.labels!r}")
+    if cfg.loss not in LOSSES:
+        raise SpecError(f"unknown --loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.labels == "true" and not shards.manifest.get("labels"):
+        raise SpecError(f"--labels true needs shards with true labels; {cfg.shards} has none")
+    if shards.soft_labels == "none" and not (cfg.loss == "ce" and cfg.labels == "true"):
+        raise SpecError(f"{cfg.shards} holds no teacher soft labels; train on them with --loss ce --labels true")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise SpecError(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
+    if (cfg.steps is None) == (cfg.epochs is None):
+        raise SpecError("give exactly one of --steps N or --epochs N")
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                               nesterov=True)  # fmt: skip
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _save_state(path: Path, model, opt, sched, step: int, epoch: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "epoch": epoch, "rng": torch.get_rng_state()}, tmp)  # fmt: skip
+    tmp.replace(path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop metrics logged past the checkpoint (they will be logged again)."""
+    if path.exists():
+        rows = [r for r in read_metrics(path) if r["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SpecError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    elif name != "cpu":
+        raise SpecError(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)

@@ -1,0 +1,187 @@
+"""Query-stage speed and memory on a 10M-row pool (C=10, D=64) written in the real pool format.
+
+Each operation runs in a fresh subprocess so its peak RSS is its own:
+  group-by per source (`curate sql` path, DuckDB over the hive-partitioned parts)   bar < 2 s
+  top-per-class (`curate select`, end to end, selection written)                     bar < 10 s
+  weighted draw of 1M (`curate select --strategy weighted`, end to end)
+  near: 1k reference vectors through the IVF-PQ index, restricted by a SQL filter
+plus the IVF-PQ build (`curate index`). The pool is cached under work/bench/query-pool.
+
+    python benchmarks/query.py [--rows 10000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import machine, table, write_section  # noqa: E402
+
+C, D, UNIT = 10, 64, 250_000
+SOURCES = {"related": 0.1, "photos": 0.3, "synthetic": 0.3, "noise": 0.3}
+
+
+def make_pool(root: Path, rows: int) -> None:
+    """Scores shaped like a real pool's: a related source with confident, class-spread predictions and
+    clustered embeddings, three unrelated ones with flatter logits; uids from sample ids as in scoring."""
+    from curate.pool import SCHEMA_VERSION, Pool, sample_schema
+    from curate.scores import SCORES
+    from curate.sources import uid_of
+
+    pool = Pool(root)
+    if pool.exists() and json.loads(pool.meta_path.read_text()).get("bench_rows") == rows:
+        return
+    pool.wipe()
+    schema = sample_schema(C, D, "full", False)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(C, D)).astype(np.float32)
+    t0 = time.perf_counter()
+    for name, share in SOURCES.items():
+        n = int(rows * share)
+        for u, start in enumerate(range(0, n, UNIT)):
+            m = min(UNIT, n - start)
+            related = name == "related"
+            logits = rng.normal(scale=1.0, size=(m, C)).astype(np.float32)
+            cls = rng.integers(0, C, m)
+            logits[np.arange(m), cls] += rng.uniform(4, 9, m) if related else rng.uniform(0, 3, m)
+            z = logits - logits.max(1, keepdims=True)
+            p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+            ps = np.sort(p, 1)
+            emb = (centers[cls] * (1.0 if related else 0.3) + rng.normal(size=(m, D))).astype(np.float32)
+            keys = [f"{start + i:09d}" for i in range(m)]
+            ids = [f"{name}/{k}" for k in keys]
+            cols = {
+                "uid": pa.array([uid_of(s) for s in ids], pa.int64()),
+                "sample_id": ids,
+                "key": keys,
+                "unit": [f"{u:06d}"] * m,
+                "content_hash": [f"{rng.integers(2**62):032x}" for _ in range(m)],
+                "width": np.full(m, 28, np.int32),
+                "height": np.full(m, 28, np.int32),
+                "label": pa.nulls(m, pa.int16()),
+                "logits": pa.FixedSizeListArray.from_arrays(logits.ravel(), C),
+                "pred": logits.argmax(1).astype(np.int16),
+                "confidence": ps[:, -1],
+                "margin": ps[:, -1] - ps[:, -2],
+                "entropy": 1 + (p * np.log(p + 1e-12)).sum(1) / np.log(C),
+                "energy": (np.log(np.exp(z).sum(1)) + logits.max(1)).astype(np.float32),
+                "max_logit": logits.max(1),
+                "bn_score": -np.abs(rng.normal(size=m)).astype(np.float32) * (0.5 if related else 1.5),
+                "feat_norm": np.linalg.norm(emb, axis=1),
+                "proj_score": (emb * centers[cls]).sum(1),
+                "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), D),
+            }
+            tbl = pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
+            pool.write_unit(name, f"{u:06d}", tbl, pa.table({}), {"rows": m, "errors": 0})
+    pool.write_meta({
+        "schema_version": SCHEMA_VERSION, "bench_rows": rows, "classes": [str(i) for i in range(C)],
+        "teacher": {"spec": "synthetic", "sha256": "0" * 64}, "input": {"size": 28, "channels": 1},
+        "settings": {"embed_layer": "auto"}, "sources": {k: {"spec": "", "classes": None} for k in SOURCES},
+        "scores": {k: {"definition": v} for k, v in SCORES.items()}, "embedding": {"dim": D},
+    })  # fmt: skip
+    print(f"wrote {rows:,} rows in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def op(name: str, pool: str, out: str, rows: int) -> dict:
+    """One measured operation (runs in its own process)."""
+    t0 = time.perf_counter()
+    detail = ""
+    if name == "group-by per source":
+        from curate.query import connect
+
+        rows = connect(pool).execute(
+            "SELECT source, count(*), avg(confidence), avg(energy), max(bn_score) FROM samples GROUP BY source"
+        ).fetchall()
+        detail = f"{len(rows)} groups"
+    elif name == "predicted-class histogram + rel_entropy":
+        from curate.query import connect
+
+        r = connect(pool).execute(
+            "SELECT source, rel_entropy(list(n ORDER BY pred)) FROM "
+            "(SELECT source, pred, count(*) n FROM samples GROUP BY ALL) GROUP BY source"
+        ).fetchall()
+        detail = f"{len(r)} sources"
+    elif name.startswith("index"):
+        from curate.index import index
+
+        r = index(pool, kind="ivf-pq", memory="1GB", show_progress=False)
+        detail = f"{r.factory}, recall@10 {r.recall_at_10:.3f}, {r.bytes / 2**20:.0f} MiB"
+    elif name == "near (1k refs, filtered)":
+        import faiss
+
+        from curate.pool import Pool
+        from curate.query import connect
+        from curate.select import near
+
+        con = connect(pool)
+        uids = np.sort(con.execute("SELECT uid FROM samples WHERE source <> 'noise'").fetchnumpy()["uid"])
+        rng = np.random.default_rng(1)
+        refs = rng.normal(size=(1000, D)).astype(np.float32)  # a stand-in for 1k embedded reference images
+        faiss.normalize_L2(refs)
+        t1 = time.perf_counter()
+        idx, _ = near(Pool(pool), con, refs, uids, 100_000, 10, restrict=True)
+        detail = f"{len(idx):,} selected of {len(uids):,} allowed; search+rank {time.perf_counter() - t1:.1f} s"
+    else:
+        from curate.select import SelectConfig, select
+
+        kw = {"top-per-class": dict(strategy="top-per-class", per_class=100_000, score="energy"),
+              "weighted draw 1M": dict(strategy="weighted", n=min(1_000_000, rows // 10), temperature=0.5, score="confidence")}[name]  # fmt: skip
+        r = select(SelectConfig(pool=pool, out=out, **kw))
+        detail = f"{r.rows:,} rows selected"
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "detail": detail}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--op")
+    ap.add_argument("--pool", default=str(ROOT / "work" / "bench" / "query-pool"))
+    args = ap.parse_args()
+    if args.op:
+        print(json.dumps(op(args.op, args.pool, str(Path(args.pool).parent / "query-sel"), args.rows)))
+        return
+    make_pool(Path(args.pool), args.rows)
+    disk = sum(p.stat().st_size for p in Path(args.pool, "samples").rglob("*.parquet"))
+    bars = {"group-by per source": 2.0, "top-per-class": 10.0}
+    ops = ["group-by per source", "predicted-class histogram + rel_entropy", "top-per-class", "weighted draw 1M",
+           f"index (IVF-PQ build over {args.rows:,})", "near (1k refs, filtered)"]  # fmt: skip
+    rows = []
+    for name in ops:
+        if name == "near (1k refs, filtered)" and not (Path(args.pool) / "index" / "embeddings.faiss").exists():
+            continue
+        proc = subprocess.run([sys.executable, __file__, "--op", name, "--pool", args.pool, "--rows", str(args.rows)], capture_output=True,
+                              text=True)  # fmt: skip
+        if proc.returncode:
+            print(proc.stderr[-2000:])
+            raise SystemExit(f"{name} failed")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        bar = bars.get(name)
+        verdict = ("pass" if r["seconds"] < bar else "FAIL") + f" (< {bar:g} s)" if bar else ""
+        rows.append([name, f"{r['seconds']:.2f}", f"{r['rss_mib']:,.0f}", r["detail"], verdict])
+        print(rows[-1], flush=True)
+    body = (
+        f"## Query: {args.rows:,}-row pool (C={C}, D={D})\n\n"
+        f"Machine: {machine()}.\n\n"
+        f"`python benchmarks/query.py`: a synthetic pool in the real format ({len(SOURCES)} sources, "
+        f"{disk / 2**30:.2f} GiB of zstd Parquet, {disk / args.rows:.0f} bytes/row). Each operation runs in its own "
+        "process; peak RSS includes the Python, DuckDB and FAISS runtime (~150–250 MiB). Nothing goes through pandas: "
+        "DuckDB aggregates; `select` pulls uid, pred and the score as Arrow/numpy, then joins the picked uids back.\n\n"
+        + table(["operation", "seconds", "peak RSS MiB", "detail", "bar"], rows)
+    )
+    write_section("query", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""curate export: shards read back by plain webdataset match the pool; resume; labelled sources; errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from curate.export import ExportConfig, export
+from curate.query import connect
+from curate.score import ScoreConfig, score
+from curate.select import SelectConfig, select
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def selection(pool, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sel") / "sel"
+    select(SelectConfig(pool=str(pool), out=str(out), strategy="weighted", n=300, replace=True, seed=1))
+    return out
+
+
+def read_plain(out: Path) -> dict[str, dict]:
+    """Every sample of the shards, read by webdataset alone (no kdcurate code)."""
+    urls = sorted(str(p) for p in out.glob("shard-*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+
+
+def test_export_round_trips_through_plain_webdataset(pool, selection, tmp_path):
+    out = tmp_path / "shards"
+    res = export(ExportConfig(out=str(out), pool=str(pool), selection=str(selection), shard_size=64,
+                              show_progress=False))  # fmt: skip
+    sel = pq.read_table(selection / "selection.parquet").to_pylist()
+    assert res.samples == len(sel) and res.errors == 0 and res.shards == -(-len(sel) // 64)
+    samples = read_plain(out)
+    assert len(samples) == len(sel)
+    rows = connect(str(pool)).execute(
+        "SELECT uid, sample_id, logits, label, pred, source, width, height FROM samples WHERE uid IN "
+        f"(SELECT uid FROM read_parquet('{selection}/selection.parquet'))"
+    ).fetchall()
+    weight = {r["uid"]: r["weight"] for r in sel}
+    for uid, sample_id, logits, label, pred, source, width, height in rows:
+        key = f"{uid & 0xFFFFFFFFFFFFFFFF:016x}"
+        assert "." not in key
+        s = samples[key]
+        got = np.load(io.BytesIO(s["logits.npy"]))
+        assert got.dtype == np.float16 and np.array_equal(got, np.asarray(logits, np.float32).astype(np.float16))
+        meta = json.loads(s["json"])
+        assert meta["uid"] == uid and meta["sample_id"] == sample_id and meta["pred"] == pred
+        assert meta["weight"] == pytest.approx(weight[uid])
+        assert ("cls" in s) == (source == "digits")  # only digits carry labels in the teacher's classes
+        if "cls" in s:
+            assert int(s["cls"]) == label
+        with Image.open(io.BytesIO(s["png"])) as img:
+            assert img.size == (width, height)  # the original, not the teacher's view
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == [str(i) for i in range(10)] and manifest["soft_labels"] == "full"
+    assert manifest["input"]["size"] == 8 and manifest["teacher"]["sha256"]
+    for sh in manifest["shards"]:
+        data = (out / sh["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sh["sha256"] and len(data) == sh["bytes"]
+
+
+def test_original_bytes_kept_and_resume_skips_complete_shards(teacher, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    originals = {}
+    for i in range(40):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(buf, format="JPEG" if i % 2 else "PNG")
+        name = f"im{i:02d}.{'jpg' if i % 2 else 'png'}"
+        (folder / name).write_bytes(buf.getvalue())
+        originals[f"f/{name}"] = buf.getvalue()
+    (folder / "im99.bmp").write_bytes(_bmp())
+    pool = tmp_path / "pool"
+    score(ScoreConfig(teacher=str(teacher), sources=[f"f=folder:{folder}"], pool=str(pool), show_progress=False))
+    sel = tmp_path / "sel"
+    select(SelectConfig(pool=str(pool), out=str(sel), strategy="threshold", threshold=-1e9))
+    out = tmp_path / "shards"
+    cfg = ExportConfig(out=str(out), pool=str(pool), selection=str(sel), shard_size=10, show_progress=False)
+    first = export(cfg)
+    assert first.shards == 5 and first.shards_skipped == 0
+    for s in read_plain(out).values():
+        sid = json.loads(s["json"])["sample_id"]
+        if sid in originals:
+            ext = "jpg" if sid.endswith(".jpg") else "png"
+            assert s[ext] == originals[sid]  # byte for byte
+        else:
+            assert sid == "f/im99.bmp" and "png" in s  # BMP re-encoded as PNG
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    # a run killed mid-shard: one marker gone, a temporary left behind
+    (out / "shard-000003.json").unlink()
+    (out / "shard-000003.tar").rename(out / "shard-000003.tar.tmp")
+    second = export(cfg)
+    assert second.shards_skipped == 4 and second.samples == first.samples
+    assert not list(out.glob("*.tmp"))
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before  # same plan, same bytes
+    other = ExportConfig(out=str(out), pool=str(pool), selection=str(sel), shard_size=7, show_progress=False)
+    with pytest.raises(Exception, match="another shard_size"):
+        export(other)
+
+
+def _bmp() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((12, 12), 99, np.uint8)).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+def test_topk_soft_labels(pool, selection, tmp_path):
+    out = tmp_path / "topk"
+    export(ExportConfig(out=str(out), pool=str(pool), selection=str(selection), soft_labels="topk:3",
+                        show_progress=False))  # fmt: skip
+    logits = dict(connect(str(pool)).execute("SELECT uid, logits FROM samples").fetchall())
+    for s in list(read_plain(out).values())[:30]:
+        meta = json.loads(s["json"])
+        full = np.asarray(logits[meta["uid"]], np.float32)
+        idx = np.load(io.BytesIO(s["topk.npy"]))
+        assert list(idx) == list(np.argsort(-full, kind="stable")[:3])
+        assert np.allclose(np.load(io.BytesIO(s["logits.npy"])), full[idx], atol=1e-2)
+        assert meta["logsumexp"] == pytest.approx(float(np.logaddexp.reduce(full)), rel=1e-5)
+
+
+def test_labelled_source_export_without_teacher(tmp_path):
+    out = tmp_path / "digits"
+    res = export(ExportConfig(out=str(out), sources=["d=builtin:digits?stop=300&unit=50"], shard_size=100,
+                              show_progress=False))  # fmt: skip
+    assert res.samples == 300 and res.shards == 3
+    from curate.generated import _digits
+
+    x, y = _digits()
+    samples = read_plain(out)
+    for s in samples.values():
+        i = int(json.loads(s["json"])["sample_id"].split("/")[1])
+        assert int(s["cls"]) == y[i]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), x[i])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"] is None and manifest["soft_labels"] == "none" and manifest["labels"] is True
+    assert manifest["input"]["size"] == 8 and manifest["input"]["channels"] == 1
+
+
+def test_missing_image_becomes_an_error_row(teacher, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    pool = tmp_path / "pool"
+    score(ScoreConfig(teacher=str(teacher), sources=[f"f=folder:{folder}"], pool=str(pool), show_progress=False))
+    select(SelectConfig(pool=str(pool), out=str(tmp_path / "sel"), strategy="threshold", threshold=-1e9))
+    (folder / "2.png").unlink()
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(folder / "3.png")  # changed since scoring
+    proc = run_cli("curate", "export", str(pool), "--selection", str(tmp_path / "sel"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0 and "2 samples could not be exported" in proc.stderr
+    errors = pq.read_table(tmp_path / "o" / "errors.parquet").to_pylist()
+    reasons = {e["sample_id"]: e["reason"] for e in errors}
+    assert reasons == {"f/2.png": "not found in its source", "f/3.png": "changed since it was scored"}
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["count"] == 4
+
+
+def test_cli_export_errors(pool, selection, tmp_path):
+    for args, msg in [
+        ([str(pool), "--out", str(tmp_path / "a")], "--selection"),
+        ([str(pool), "--selection", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "not a selection"),
+        ([str(pool), "--selection", str(selection), "--out", str(pool / "x")], "inside the pool"),
+        ([str(pool), "--selection", str(selection), "--out", str(tmp_path / "c"), "--soft-labels", "top3"], "topk:K"),
+        (["--source", "x=builtin:nothing", "--out", str(tmp_path / "d")], "builtin"),
+    ]:
+        proc = run_cli("curate", "export", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert msg in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
