@@ -42,6 +42,9 @@ lint: venv
 
 bench: venv data
 	$(BIN)/python benchmarks/score_throughput.py
+	$(BIN)/python benchmarks/query.py
+	$(BIN)/python benchmarks/export_throughput.py
+	$(BIN)/python benchmarks/distill_throughput.py
 
 clean:
 	rm -rf $(VENV) work

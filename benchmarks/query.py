@@ -100,17 +100,25 @@ def op(name: str, pool: str, out: str, rows: int) -> dict:
     if name == "group-by per source":
         from curate.query import connect
 
-        rows = connect(pool).execute(
-            "SELECT source, count(*), avg(confidence), avg(energy), max(bn_score) FROM samples GROUP BY source"
-        ).fetchall()
+        rows = (
+            connect(pool)
+            .execute(
+                "SELECT source, count(*), avg(confidence), avg(energy), max(bn_score) FROM samples GROUP BY source"
+            )
+            .fetchall()
+        )
         detail = f"{len(rows)} groups"
     elif name == "predicted-class histogram + rel_entropy":
         from curate.query import connect
 
-        r = connect(pool).execute(
-            "SELECT source, rel_entropy(list(n ORDER BY pred)) FROM "
-            "(SELECT source, pred, count(*) n FROM samples GROUP BY ALL) GROUP BY source"
-        ).fetchall()
+        r = (
+            connect(pool)
+            .execute(
+                "SELECT source, rel_entropy(list(n ORDER BY pred)) FROM "
+                "(SELECT source, pred, count(*) n FROM samples GROUP BY ALL) GROUP BY source"
+            )
+            .fetchall()
+        )
         detail = f"{len(r)} sources"
     elif name.startswith("index"):
         from curate.index import index
@@ -135,8 +143,10 @@ def op(name: str, pool: str, out: str, rows: int) -> dict:
     else:
         from curate.select import SelectConfig, select
 
-        kw = {"top-per-class": dict(strategy="top-per-class", per_class=100_000, score="energy"),
-              "weighted draw 1M": dict(strategy="weighted", n=min(1_000_000, rows // 10), temperature=0.5, score="confidence")}[name]  # fmt: skip
+        kw = {
+            "top-per-class": dict(strategy="top-per-class", per_class=100_000, score="energy"),
+            "weighted draw 1M": dict(strategy="weighted", n=min(1_000_000, rows // 10), temperature=0.5),
+        }[name]
         r = select(SelectConfig(pool=pool, out=out, **kw))
         detail = f"{r.rows:,} rows selected"
     seconds = time.perf_counter() - t0
@@ -161,8 +171,8 @@ def main() -> None:
     for name in ops:
         if name == "near (1k refs, filtered)" and not (Path(args.pool) / "index" / "embeddings.faiss").exists():
             continue
-        proc = subprocess.run([sys.executable, __file__, "--op", name, "--pool", args.pool, "--rows", str(args.rows)], capture_output=True,
-                              text=True)  # fmt: skip
+        cmd = [sys.executable, __file__, "--op", name, "--pool", args.pool, "--rows", str(args.rows)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(proc.stderr[-2000:])
             raise SystemExit(f"{name} failed")

@@ -183,7 +183,9 @@ def select(
         + (f"; dedup removed {res.dedup_removed:,}" if res.dedup_removed else "")
     )  # fmt: skip
     if res.short_classes:
-        out_console.print("classes short of --per-class: " + ", ".join(f"{k} ({v})" for k, v in res.short_classes.items()))
+        out_console.print(
+            "classes short of --per-class: " + ", ".join(f"{k} ({v})" for k, v in res.short_classes.items())
+        )
 
 
 @app.command()

@@ -40,7 +40,17 @@ from curate.sources import RawSample, Source, content_hash, parse_source, read_k
 
 FORMAT = "kdcurate-shards/1"
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
-SCORE_COLUMNS = ("confidence", "margin", "entropy", "energy", "max_logit", "bn_score", "feat_norm", "proj_score", "odin")
+SCORE_COLUMNS = (
+    "confidence",
+    "margin",
+    "entropy",
+    "energy",
+    "max_logit",
+    "bn_score",
+    "feat_norm",
+    "proj_score",
+    "odin",
+)
 
 
 @dataclass
@@ -79,7 +89,9 @@ def export(cfg: ExportConfig) -> ExportResult:
         plan, header = _plan_sources(cfg)
     else:
         if not cfg.pool or not cfg.selection:
-            raise UserError("curate export needs POOL and --selection DIR (or --source NAME=SPEC for a labelled source)")
+            raise UserError(
+                "curate export needs POOL and --selection DIR (or --source NAME=SPEC for a labelled source)"
+            )
         if out.resolve().is_relative_to(Path(cfg.pool).resolve()):
             raise UserError(f"--out {out} is inside the pool; shards live beside it")
         plan, header = _plan_selection(cfg)
@@ -218,7 +230,9 @@ def _soft_labels(spec: str, meta: dict[str, Any]) -> str:
     have = meta["logits"]["kind"], meta["logits"]["k"]
     if spec == "full":
         if have[0] != "full":
-            raise UserError(f"the pool keeps only the top {have[1]} logits; use --soft-labels topk:K with K <= {have[1]}")
+            raise UserError(
+                f"the pool keeps only the top {have[1]} logits; use --soft-labels topk:K with K <= {have[1]}"
+            )
         return "full"
     if spec.startswith("topk:") and spec[5:].isdigit() and 0 < int(spec[5:]) <= min(c, have[1]):
         return f"topk:{int(spec[5:])}"
@@ -391,7 +405,9 @@ def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
             sample = {"__key__": f"{uid & 0xFFFFFFFFFFFFFFFF:016x}", ext: data}
             if s.label is not None:
                 sample["cls"] = str(int(s.label)).encode()
-            sample["json"] = json.dumps({"uid": uid, "sample_id": sample_id, "source": src.name, "weight": 1.0}).encode()
+            sample["json"] = json.dumps(
+                {"uid": uid, "sample_id": sample_id, "source": src.name, "weight": 1.0}
+            ).encode()
             yield sample
 
 
@@ -438,4 +454,3 @@ def _sha256(path: str) -> str:
 
 def read_manifest(out: str) -> dict[str, Any]:
     return json.loads((Path(out) / "manifest.json").read_text())
-

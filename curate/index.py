@@ -57,7 +57,7 @@ def embedding_batches(pool: Pool, rows: int = BATCH_ROWS):
             continue
         emb = batch.column("embedding")
         dim = emb.type.list_size
-        vecs = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+        vecs = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
         faiss.normalize_L2(vecs)
         yield batch.column("uid").to_numpy(), vecs
 
@@ -76,13 +76,16 @@ def choose_kind(n: int, dim: int, budget: int, kind: str) -> tuple[str, str]:
     if kind == "ivf-pq":
         if n < 1000:
             raise UserError(f"IVF-PQ needs at least 1,000 vectors to train, the pool has {n}; use --kind flat")
-        nlist = max(1, min(65536, int(4 * math.sqrt(n)), n // 39))
+        # 4·sqrt(n) lists, at most 4,096 below 50M vectors (coarse assignment is n·nlist·d flops: minutes on a
+        # few cores past that); beyond, up to 65,536 lists behind an HNSW coarse quantizer
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, 4096 if n <= 50_000_000 else 65536))
+        coarse = f"IVF{nlist}_HNSW32" if nlist > 4096 else f"IVF{nlist}"
         # sub-vectors of at least 2 dims: 1-dim sub-quantizers train ~20x slower in FAISS and buy little recall
         fits = [m for m in range(1, min(64, dim // 2) + 1) if dim % m == 0 and n * (m + 8) <= budget]
         if not fits:
             raise UserError(f"{n:,} vectors do not fit --memory {budget / 2**30:.1f} GiB even as 1-byte codes")
         nbits = max(4, min(8, int(math.log2(min(n, 500_000) / 39))))  # enough points per PQ centroid
-        return kind, f"IVF{nlist},PQ{fits[-1]}x{nbits}"
+        return kind, f"{coarse},PQ{fits[-1]}x{nbits}"
     raise UserError(f"unknown --kind {kind!r}; use auto, flat, ivf-pq or hnsw")
 
 

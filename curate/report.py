@@ -159,7 +159,9 @@ def _selection_summary(con, classes: list[str], task: set[str], scores: list[str
         ).fetchone()[0]
         info["precision"] = prec
         info["teacher_label_accuracy"] = agree
-        info["share_of_task_in_pool"] = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM samples").fetchone()[0]
+        info["share_of_task_in_pool"] = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM samples").fetchone()[
+            0
+        ]
         # what the same number of samples would give, taken as the top by each score
         info["precision_top_n_by_score"] = {
             s: con.execute(
@@ -329,9 +331,29 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, seconds)
         f"{sum(s['rows'] for s in sources):,} samples · {sum(s['errors'] for s in sources):,} errors</p>",
         "<h2>Sources</h2>",
         _table(
-            ["source", "samples", "errors", "mean confidence", "mean energy", "mean bn_score", "H/log C", "of the task"],
-            [[s["source"], s["rows"], s["errors"], s["confidence"], s["energy"], s["bn_score"], s["rel_entropy"],
-              "yes" if s["task"] else ""] for s in sources],
+            [
+                "source",
+                "samples",
+                "errors",
+                "mean confidence",
+                "mean energy",
+                "mean bn_score",
+                "H/log C",
+                "of the task",
+            ],
+            [
+                [
+                    s["source"],
+                    s["rows"],
+                    s["errors"],
+                    s["confidence"],
+                    s["energy"],
+                    s["bn_score"],
+                    s["rel_entropy"],
+                    "yes" if s["task"] else "",
+                ]
+                for s in sources
+            ],
         ),  # fmt: skip
         "<p class=note>H/log C: relative entropy of the teacher's predicted-class histogram; near 1 = the teacher "
         "sees every class in this source (Frank &amp; Davis 2025).</p>",
@@ -360,9 +382,13 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, seconds)
                 )
             )
         parts.append(
-            _table(["source", "in pool", "selected", "share selected"],
-                   [[c["source"], c["pool"], c["selected"], c["selected"] / max(1, c["pool"])]
-                    for c in sel["composition"]])  # fmt: skip
+            _table(
+                ["source", "in pool", "selected", "share selected"],
+                [
+                    [c["source"], c["pool"], c["selected"], c["selected"] / max(1, c["pool"])]
+                    for c in sel["composition"]
+                ],
+            )  # fmt: skip
         )
         parts.append("<img src='selection.png' alt='selection composition'>")
     if thumbs:

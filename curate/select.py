@@ -89,7 +89,9 @@ def select(cfg: SelectConfig) -> SelectResult:
     con = connect(cfg.pool)
     where = f"WHERE ({cfg.where})" if cfg.where else ""
     score_sql = "0.0" if cfg.strategy == "near" else cfg.score
-    cols = _fetch(con, f"SELECT uid, pred, ({score_sql})::DOUBLE AS score FROM samples {where}", cfg)
+    # strategies that draw at random need a canonical row order (by uid) for --seed to mean the same draw
+    ordered = cfg.strategy in ("weighted", "balanced", "near", "diverse")
+    cols = _fetch(con, f"SELECT uid, pred, ({score_sql})::DOUBLE AS score FROM samples {where}", ordered)
     candidates = len(cols["uid"])
     if candidates == 0:
         raise UserError("the filter leaves no samples" if cfg.where else "the pool has no samples")
@@ -101,10 +103,10 @@ def select(cfg: SelectConfig) -> SelectResult:
     short: dict[str, int] = {}
     prob = None
     if cfg.strategy == "threshold":
-        idx, weight = threshold(cols["score"], cfg.threshold, cfg.fraction), None
+        idx, weight = threshold(cols["score"], cfg.threshold, cfg.fraction, cols["uid"]), None
     elif cfg.strategy == "top-per-class":
         k = _need(cfg.per_class, "--per-class K")
-        idx, counts = top_per_class(cols["pred"], cols["score"], k)
+        idx, counts = top_per_class(cols["pred"], cols["score"], k, cols["uid"])
         short = {meta["classes"][c]: int(counts[c]) for c in range(n_classes) if counts[c] < k}
         weight = None
     elif cfg.strategy == "weighted":
@@ -130,8 +132,10 @@ def select(cfg: SelectConfig) -> SelectResult:
     weight = np.ones(len(idx), np.float32) if weight is None else weight.astype(np.float32)
     removed = 0
     if dedup is not None:
-        keep = dedup_exact(con, cols["uid"][idx], cols["score"][idx]) if dedup == "exact" else dedup_near(
-            con, cols["uid"][idx], cols["score"][idx], dedup
+        keep = (
+            dedup_exact(con, cols["uid"][idx], cols["score"][idx])
+            if dedup == "exact"
+            else dedup_near(con, cols["uid"][idx], cols["score"][idx], dedup)
         )
         removed = len(idx) - int(keep.sum())
         idx, weight = idx[keep], weight[keep]
@@ -155,8 +159,8 @@ def select(cfg: SelectConfig) -> SelectResult:
 # ------------------------------------------------------------------------------------------ strategies
 
 
-def threshold(score: np.ndarray, t: float | None, fraction: float | None) -> np.ndarray:
-    """Indices with score >= t, or of the top `fraction` (ties broken by position, i.e. by uid)."""
+def threshold(score: np.ndarray, t: float | None, fraction: float | None, uid: np.ndarray) -> np.ndarray:
+    """Indices with score >= t, or of the top `fraction` (ties: lower uid first)."""
     if (t is None) == (fraction is None):
         raise UserError("--strategy threshold needs exactly one of --threshold T or --fraction F")
     if t is not None:
@@ -164,19 +168,26 @@ def threshold(score: np.ndarray, t: float | None, fraction: float | None) -> np.
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {fraction}")
     k = math.ceil(fraction * len(score))
-    order = np.lexsort((np.arange(len(score)), -score))
+    order = np.lexsort((uid, -score))
     return np.sort(order[:k])
 
 
-def top_per_class(pred: np.ndarray, score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best by score within each predicted class; returns (indices, available count per class)."""
-    order = np.lexsort((np.arange(len(score)), -score, pred))  # by class, best first, then uid
-    p = pred[order]
-    starts = np.searchsorted(p, p, side="left")
-    rank = np.arange(len(p)) - starts
-    picked = order[rank < k]
+def top_per_class(pred: np.ndarray, score: np.ndarray, k: int, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k best by score within each predicted class (ties: lower uid first); returns (indices,
+    available count per class). A partition per class, no full sort: O(n) per class."""
     counts = np.bincount(pred.astype(np.int64), minlength=int(pred.max(initial=0)) + 1)
-    return np.sort(picked), counts
+    picked = []
+    for c in np.flatnonzero(counts):
+        members = np.flatnonzero(pred == c)
+        if len(members) <= k:
+            picked.append(members)
+            continue
+        s = score[members]
+        kth = -np.partition(-s, k - 1)[k - 1]
+        above = members[s > kth]
+        tie = members[s == kth]
+        picked += [above, tie[np.argsort(uid[tie], kind="stable")[: k - len(above)]]]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64), counts
 
 
 def draw_probabilities(score: np.ndarray, temperature: float = 1.0, gamma: float | None = None) -> np.ndarray:
@@ -286,7 +297,7 @@ def diverse(con: duckdb.DuckDBPyConnection, cols: dict, where: str, n: int, clus
     for batch in rel:
         bu = batch.column("uid").to_numpy()
         emb = batch.column("embedding")
-        vecs = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(bu), -1)
+        vecs = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(bu), -1)
         faiss.normalize_L2(vecs)
         _, a = km.index.search(vecs, 1)
         assign[np.searchsorted(uids, bu)] = a[:, 0]
@@ -453,20 +464,20 @@ def _selection_table(
     )
 
 
-def _fetch(con: duckdb.DuckDBPyConnection, query: str, cfg: SelectConfig) -> dict[str, np.ndarray]:
+def _fetch(con: duckdb.DuckDBPyConnection, query: str, ordered: bool) -> dict[str, np.ndarray]:
     try:
         table = con.sql(query).to_arrow_table()
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"SQL error in --where or --score: {first}") from None
     uid = table.column("uid").to_numpy()
-    order = np.argsort(uid, kind="stable")
+    order = np.argsort(uid, kind="stable") if ordered else slice(None)
     cols = {
         "uid": uid[order],
         "pred": table.column("pred").to_numpy()[order].astype(np.int16),
         "score": table.column("score").to_numpy(zero_copy_only=False)[order].astype(np.float64),
     }
-    if len(cols["uid"]) > 1 and (np.diff(cols["uid"]) == 0).any():
+    if ordered and len(uid) > 1 and (np.diff(cols["uid"]) == 0).any():
         raise UserError("the pool holds duplicate uids (the same sample_id twice); rescore into a fresh pool")
     return cols
 
@@ -486,7 +497,7 @@ def _embeddings(con: duckdb.DuckDBPyConnection, uids: np.ndarray) -> np.ndarray:
     t = con.sql("SELECT w.pos, s.embedding FROM samples s JOIN _want w USING (uid) ORDER BY w.pos").to_arrow_table()
     con.unregister("_want")
     emb = t.column("embedding").combine_chunks()
-    vecs = np.ascontiguousarray(emb.values.to_numpy(zero_copy_only=False).reshape(len(t), -1), dtype=np.float32)
+    vecs = np.ascontiguousarray(emb.flatten().to_numpy(zero_copy_only=False).reshape(len(t), -1), dtype=np.float32)
     faiss.normalize_L2(vecs)
     return vecs
 

@@ -262,12 +262,21 @@ class ArraySource(Source):
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
+    def cached_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """arrays(), read once per process (an IDX file is decompressed whole)."""
+        if "_arrays" not in self.__dict__:
+            self.__dict__["_arrays"] = self.arrays()
+        return self.__dict__["_arrays"]
+
+    def __getstate__(self) -> dict:  # worker processes read the file themselves
+        return {k: v for k, v in self.__dict__.items() if k != "_arrays"}
+
     def units(self) -> list[Unit]:
-        images, _ = self.arrays()
+        images, _ = self.cached_arrays()
         return self.chunk(0, len(images), self.opt_int("unit", DEFAULT_UNIT_RECORDS))
 
     def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
-        images, labels = self.arrays()
+        images, labels = self.cached_arrays()
         start, stop = unit.args
         block = np.asarray(images[start:stop])
         lab = None if labels is None else np.asarray(labels[start:stop])

@@ -160,9 +160,11 @@ def loader(
     shuffle_buffer: int = 5000,
     flip: bool = False,
     pin_memory: bool = False,
+    spec: InputSpec | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches. Training: an endless stream over this rank's shards, reshuffled every epoch, from one set of
-    worker processes for the whole run. Evaluation: one ordered pass (the last batch partial)."""
+    """Batches, decoded to `spec` (default: the shards' own preprocessing). Training: an endless stream over
+    this rank's shards, reshuffled every epoch, from one set of worker processes for the whole run.
+    Evaluation: one ordered pass (the last batch partial)."""
     n_urls = len(rank_shards(shards.urls, rank, world, 0, seed, shuffle=False))
     workers = max(0, min(workers, n_urls)) if not train else max(0, workers)
     stages: list[Any] = [
@@ -173,13 +175,19 @@ def loader(
     if train and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000), seed=seed * 7919 + epoch))
     stages += [
-        wds.map(partial(decode, spec=shards.input, num_classes=len(shards.classes), flip=flip and train)),
+        wds.map(partial(decode, spec=spec or shards.input, num_classes=len(shards.classes), flip=flip and train)),
         wds.batched(batch_size, collation_fn=collate, partial=not train),
     ]
     pipeline = wds.DataPipeline(_Source(stages[0]), *stages[1:])
     return iter(
-        wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)  # fmt: skip
+        wds.WebLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )  # fmt: skip
     )
 
 

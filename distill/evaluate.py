@@ -11,23 +11,31 @@ from torch import nn
 
 from distill.data import Shards, loader, open_shards
 from distill.metrics import write_json
-from distill.models import SpecError, load
+from distill.models import InputSpec, SpecError, load
 
 
 @torch.inference_mode()
-def evaluate_model(model: nn.Module, shards: Shards, device: torch.device, batch_size: int = 512,
+def evaluate_model(model: nn.Module, shards: Shards, device: torch.device, spec: InputSpec, batch_size: int = 512,
                    workers: int = 2) -> dict[str, Any]:  # fmt: skip
-    """Metrics of `model` on labelled shards; agreement with the teacher where the shards hold logits."""
+    """Metrics of `model` (which sees inputs as `spec`) on labelled shards; agreement with the teacher where
+    the shards hold logits."""
     was_training = model.training
     model.eval()
-    spec = shards.input
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     c = len(shards.classes)
     confusion = np.zeros((c, c), np.int64)
     agree = with_logits = 0
-    for batch in loader(shards, batch_size, train=False, workers=workers):
-        x = batch["image"].to(device).float().div_(255).sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+    for batch in loader(shards, batch_size, train=False, workers=workers, spec=spec):
+        x = (
+            batch["image"]
+            .to(device)
+            .float()
+            .div_(255)
+            .sub_(mean)
+            .div_(std)
+            .contiguous(memory_format=torch.channels_last)
+        )
         pred = model(x).argmax(1).cpu()
         labels = batch["label"]
         known = labels >= 0
@@ -56,9 +64,11 @@ def evaluate(run: str, data: str, device: str = "auto", batch_size: int = 512, w
     shards = open_shards(data)
     if shards.classes != student.classes:
         raise SpecError(f"the shards' classes {shards.classes[:5]}… are not the student's {student.classes[:5]}…")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     model = student.model.to(dev).to(memory_format=torch.channels_last)
-    res = evaluate_model(model, shards, dev, batch_size, workers)
+    res = evaluate_model(model, shards, dev, student.input, batch_size, workers)
     if "accuracy" not in res and "agreement" not in res:
         raise SpecError(f"{data} holds neither true labels nor teacher logits: nothing to evaluate against")
     res["data"] = data

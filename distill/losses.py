@@ -84,7 +84,11 @@ def combine(
         teacher = F.one_hot(labels, student.shape[1]).float()
     if cfg.topk_classes:
         teacher = drop_classes(teacher, cfg.topk_classes)
-    target = labels if cfg.labels == "true" else None
+    target = None
+    if cfg.labels == "true":  # samples without a true label (-1) do not count
+        known = (labels >= 0).float()
+        weights = known if weights is None else weights * known
+        target = labels.clamp_min(0)
     per_sample = LOSSES[cfg.name](student.float(), teacher.float(), temperature=cfg.temperature, alpha=cfg.alpha,
                                   target=target)  # fmt: skip
     if weights is None:

@@ -209,13 +209,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
             last = step == steps
             if rank == 0 and (step % cfg.log_every == 0 or last):
                 now = time.perf_counter()
-                row = {"step": step, "epoch": round(epoch + seen / epoch_size, 3), "loss": window_loss / max(1, window_n),
-                       "lr": sched.get_last_lr()[0], "samples_per_s": window_n * world / (now - window_t)}  # fmt: skip
+                row = {
+                    "step": step,
+                    "epoch": round(epoch + seen / epoch_size, 3),
+                    "loss": window_loss / max(1, window_n),
+                    "lr": sched.get_last_lr()[0],
+                    "samples_per_s": window_n * world / (now - window_t),
+                }
                 append_metrics(out / "metrics.jsonl", row)
                 window_t, window_n, window_loss = now, 0, 0.0
             if eval_shards is not None and (step % cfg.eval_every == 0 or last):
                 if rank == 0:
-                    final = evaluate_model(model, eval_shards, device, cfg.batch_size * 2, workers=cfg.workers)
+                    final = evaluate_model(model, eval_shards, device, spec, cfg.batch_size * 2, workers=cfg.workers)
                     append_metrics(out / "metrics.jsonl", {"step": step, **_scalars(final)})
                 ddp.train()
             if step % cfg.checkpoint_every == 0 or last:

@@ -1,10 +1,12 @@
-"""The embedded demo (`make demo`): a teacher, a heterogeneous unlabeled pool, scores, an index.
+"""The embedded demo (`make demo`): teacher -> pool -> selection -> shards -> student -> report.
 
 1. Train a BatchNorm CNN teacher on Fashion-MNIST train[0:50000] (digits when Fashion-MNIST is absent).
 2. Score a heterogeneous pool: the unseen rest of the teacher's data among MNIST, digits, rendered glyphs,
-   photo crops, dead leaves, shader-like patterns and noise.
-3. Build the FAISS index and print, per source, how related the teacher finds it, and how well each
-   score separates the teacher's own domain from the rest (AUROC, that domain positive).
+   photo crops, dead leaves, shader-like patterns and noise; build the FAISS index.
+3. Print, per source, how related the teacher finds it, and how well each score separates the teacher's
+   own domain from the rest (AUROC, that domain positive).
+4. Select a class-balanced top-per-class subset, export it as WebDataset shards with the teacher's soft
+   labels, distill a smaller student from them, evaluate it on the test set, and write the report.
 
 Everything lands under work/demo/; rerunning resumes (the teacher is kept, scored units are skipped).
 """
@@ -21,11 +23,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from curate.export import ExportConfig, export
 from curate.generated import FASHION_CLASSES, FASHION_DIR, _digits, _fashion
 from curate.index import index
+from curate.report import report
 from curate.score import ScoreConfig, score
+from curate.select import SelectConfig, select
 from distill import models
-from distill.train import FitConfig, accuracy, fit_arrays, to_input
+from distill.evaluate import evaluate
+from distill.train import FitConfig, TrainConfig, accuracy, fit_arrays, to_input, train
 
 out = Console()
 
@@ -98,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="work/demo", help="output directory (default work/demo)")
     ap.add_argument("--steps", type=int, default=800, help="teacher training steps")
+    ap.add_argument("--student-steps", type=int, default=1000, help="student distillation steps")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -113,8 +120,33 @@ def main() -> None:
     idx = index(str(work / "pool"))
     out.print(f"index: {idx.kind} ({idx.factory}), {idx.rows:,} vectors, recall@10 {idx.recall_at_10:.3f}")
     summarise(work / "pool", related)
-    out.print(f"\nteacher: {teacher}\npool:    {work / 'pool'}  (query it: duckdb, "
-              f"read_parquet('{work / 'pool'}/samples/*/*.parquet', hive_partitioning=1))")  # fmt: skip
+    distill_student(work, fashion, args.student_steps)
+
+
+def distill_student(work: Path, fashion: bool, steps: int) -> None:
+    pool = str(work / "pool")
+    sel = select(SelectConfig(pool=pool, out=str(work / "selection"), strategy="top-per-class",
+                              per_class=1000 if fashion else 30, score="energy"))  # fmt: skip
+    out.print(f"selection: {sel.rows:,} samples, by source {sel.per_source}, class entropy {sel.rel_entropy:.3f}")
+    shards = export(ExportConfig(out=str(work / "shards"), pool=pool, selection=str(work / "selection"),
+                                 shard_size=2000, show_progress=False))  # fmt: skip
+    test = "test=builtin:fashion-mnist?split=test" if fashion else "test=builtin:digits?start=1500"
+    export(ExportConfig(out=str(work / "test-shards"), sources=[test], shard_size=5000, show_progress=False))
+    out.print(f"shards: {shards.samples:,} samples in {shards.shards} shards ({shards.bytes / 2**20:.1f} MiB)")
+    run = work / "student"
+    if not (run / "student.pt").exists():
+        train(TrainConfig(shards=str(work / "shards"), out=str(run), student="cnn-tiny", steps=steps,
+                          batch_size=128, eval=str(work / "test-shards"), eval_every=max(1, steps // 4),
+                          resume=(run / "checkpoint.pt").exists()))  # fmt: skip
+    res = evaluate(str(run), str(work / "test-shards"))
+    teacher_acc = models.load(str(work / "teacher.pt")).describe()
+    rep = report(pool, str(work / "report"), selection=str(work / "selection"))
+    out.print(
+        f"\nstudent (cnn-tiny, {steps} steps on {sel.rows:,} selected samples): test accuracy "
+        f"{res['accuracy']:.1%}\nteacher: {work / 'teacher.pt'} ({teacher_acc['num_classes']} classes)\n"
+        f"student: {run / 'student.pt'}\nreport:  {rep.html}\n"
+        f"pool:    {pool}  (query it: curate sql {pool} 'SELECT source, count(*) FROM samples GROUP BY source')"
+    )
 
 
 if __name__ == "__main__":

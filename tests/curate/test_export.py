@@ -41,10 +41,14 @@ def test_export_round_trips_through_plain_webdataset(pool, selection, tmp_path):
     assert res.samples == len(sel) and res.errors == 0 and res.shards == -(-len(sel) // 64)
     samples = read_plain(out)
     assert len(samples) == len(sel)
-    rows = connect(str(pool)).execute(
-        "SELECT uid, sample_id, logits, label, pred, source, width, height FROM samples WHERE uid IN "
-        f"(SELECT uid FROM read_parquet('{selection}/selection.parquet'))"
-    ).fetchall()
+    rows = (
+        connect(str(pool))
+        .execute(
+            "SELECT uid, sample_id, logits, label, pred, source, width, height FROM samples WHERE uid IN "
+            f"(SELECT uid FROM read_parquet('{selection}/selection.parquet'))"
+        )
+        .fetchall()
+    )
     weight = {r["uid"]: r["weight"] for r in sel}
     for uid, sample_id, logits, label, pred, source, width, height in rows:
         key = f"{uid & 0xFFFFFFFFFFFFFFFF:016x}"

@@ -264,3 +264,19 @@ def test_cli_bad_teacher_is_one_line_exit_2(teacher, tmp_path):
         assert message in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("curate", "index", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "not a pool" in proc.stderr
+
+
+def test_embedding_batches_smaller_than_a_row_group_keep_rows_aligned(pool):
+    from curate.index import embedding_batches
+    from curate.pool import Pool
+    from curate.query import connect
+
+    got = {}
+    for uids, vecs in embedding_batches(Pool(pool), rows=37):  # batches slice the row groups
+        assert len(uids) == len(vecs)
+        got.update(zip(uids.tolist(), vecs, strict=True))
+    want = dict(connect(str(pool)).execute("SELECT uid, embedding FROM samples").fetchall())
+    assert len(got) == len(want) == 997
+    for uid in list(want)[::50]:
+        v = np.asarray(want[uid], np.float32)
+        assert np.allclose(got[uid], v / max(np.linalg.norm(v), 1e-12), atol=1e-5)

@@ -1,0 +1,160 @@
+"""distill train / eval on shards exported from a pool scored by a teacher trained in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curate.export import ExportConfig, export
+from curate.generated import _digits
+from curate.select import SelectConfig, select
+from distill import models
+from distill.data import loader, open_shards, rank_shards
+from distill.evaluate import evaluate
+from distill.train import TrainConfig, train
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def shards(pool, tmp_path_factory) -> tuple[Path, Path]:
+    """(the whole pool as distillation shards, held-out labelled digits as evaluation shards)"""
+    root = tmp_path_factory.mktemp("shards")
+    select(SelectConfig(pool=str(pool), out=str(root / "sel"), strategy="threshold", threshold=-1e9))
+    export(ExportConfig(out=str(root / "train"), pool=str(pool), selection=str(root / "sel"), shard_size=100,
+                        show_progress=False))  # fmt: skip
+    export(ExportConfig(out=str(root / "eval"), sources=["d=builtin:digits?start=1000&stop=1500"], shard_size=250,
+                        show_progress=False))  # fmt: skip
+    return root / "train", root / "eval"
+
+
+def cfg(train_dir: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(shards=str(train_dir), out=str(out), student="cnn-tiny", steps=150, batch_size=64, lr=1e-2,
+                workers=0, shuffle_buffer=500, show_progress=False, eval_every=50, checkpoint_every=50)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_student_distilled_from_the_pool_beats_chance(shards, tmp_path):
+    train_dir, eval_dir = shards
+    res = train(cfg(train_dir, tmp_path / "run", eval=str(eval_dir), workers=1))
+    assert res.steps == 150 and res.final["accuracy"] > 0.6  # chance is 0.1
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "curves.png", "student.pt", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "accuracy" in r]
+    assert [r["step"] for r in evals] == [50, 100, 150]
+    # the checkpoint loads with weights_only=True and as the next teacher
+    ckpt = torch.load(run / "student.pt", weights_only=True)
+    assert ckpt["factory"] == "distill.models:small_cnn" and ckpt["classes"] == [str(i) for i in range(10)]
+    student = models.load(str(run))
+    x, y = _digits()
+    xt = ((torch.from_numpy(x[1000:1500]).float() / 255 - student.input.mean[0]) / student.input.std[0])[:, None]
+    with torch.inference_mode():
+        acc = float((student.model(xt).argmax(1).numpy() == y[1000:1500]).mean())
+    # distill eval agrees with a forward pass done here
+    proc = run_cli("distill", "eval", str(run), "--data", str(eval_dir), "--workers", "0", check=True)
+    info = json.loads((run / "eval.json").read_text())
+    assert info["accuracy"] == pytest.approx(acc, abs=1e-9) and f"accuracy {acc:.4f}" in proc.stdout
+    assert (run / "confusion.png").is_file() and np.array(info["confusion"]).sum() == 500
+
+
+def test_agreement_with_the_teacher_on_shards_with_logits(shards, tmp_path):
+    train_dir, _ = shards
+    train(cfg(train_dir, tmp_path / "run", steps=60))
+    res = evaluate(str(tmp_path / "run"), str(train_dir), workers=0)
+    assert 0.3 < res["agreement"] <= 1.0  # the pool mixes digits with noise; digits carry labels too
+    assert res["samples"] == 297  # only the digits have true labels in the teacher's class space
+
+
+def test_supervised_training_on_true_labels(shards, tmp_path):
+    _, eval_dir = shards
+    res = train(cfg(eval_dir, tmp_path / "sup", loss="ce", labels="true", steps=80, eval=str(eval_dir)))
+    assert res.final["accuracy"] > 0.8
+    with pytest.raises(models.SpecError, match="no teacher soft labels"):
+        train(cfg(eval_dir, tmp_path / "kd", loss="kd"))
+
+
+def test_resume_after_sigkill_continues_from_the_checkpoint(shards, tmp_path):
+    train_dir, _ = shards
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "distill", "train", str(train_dir), "--out", str(out), "--student", "cnn-tiny",
+            "--steps", "400", "--batch-size", "32", "--workers", "0", "--checkpoint-every", "25",
+            "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "checkpoint.pt").exists() and (out / "metrics.jsonl").exists():
+            steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+            if steps and steps[-1] >= 100:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 25 <= saved < 400 and not (out / "student.pt").exists()
+    again = run_cli("distill", "train", str(train_dir), "--out", str(out), "--student", "cnn-tiny", "--steps", "400",
+                    "--batch-size", "32", "--workers", "0", "--checkpoint-every", "25", "--resume", "--no-progress",
+                    check=True)  # fmt: skip
+    assert f"resumed at step {saved}" in again.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # no step logged twice, none from zero again
+    assert steps[0] == 50  # the log up to the checkpoint was kept
+    fresh = run_cli("distill", "train", str(train_dir), "--out", str(out), "--steps", "10")
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr
+
+
+def test_shards_split_by_rank_cover_every_sample_once(shards):
+    train_dir, _ = shards
+    s = open_shards(str(train_dir))
+    assert len(s.urls) == 10
+    for epoch in range(3):
+        parts = [rank_shards(s.urls, r, 3, epoch, seed=5, shuffle=True) for r in range(3)]
+        flat = [u for p in parts for u in p]
+        assert sorted(flat) == sorted(s.urls) and len(set(flat)) == len(flat)
+    keys = []
+    for rank in range(2):
+        for batch in loader(s, 50, train=False, rank=rank, world=2, workers=0):
+            keys += batch["label"].tolist()
+    assert len(keys) == s.count == 997
+
+
+def test_ddp_with_two_processes_under_torchrun(shards, tmp_path):
+    train_dir, eval_dir = shards
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "distill", "train", str(train_dir), "--out", str(out), "--student", "cnn-tiny", "--steps", "30",
+         "--batch-size", "32", "--workers", "0", "--no-progress", "--eval", str(eval_dir), "--eval-every", "30"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and (out / "student.pt").is_file()
+    assert models.load(str(out)).classes == [str(i) for i in range(10)]
+
+
+def test_cli_errors(shards, tmp_path):
+    train_dir, eval_dir = shards
+    for args, msg in [
+        ([str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "5"], "manifest.json"),
+        ([str(train_dir), "--out", str(tmp_path / "r"), "--steps", "5", "--student", "vit"], "unknown model"),
+        ([str(eval_dir), "--out", str(tmp_path / "r"), "--steps", "5", "--loss", "kd"], "soft labels"),
+        ([str(train_dir), "--out", str(tmp_path / "r")], "--steps"),
+        ([str(train_dir), "--out", str(tmp_path / "r"), "--steps", "5", "--loss", "mse"], "unknown --loss"),
+    ]:
+        proc = run_cli("distill", "train", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert msg in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("distill", "eval", str(tmp_path / "nothing"), "--data", str(eval_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
