@@ -147,6 +147,7 @@ def select(
     replace: bool = typer.Option(False, help="weighted: draw with replacement (weight = times drawn)."),
     reference: list[str] = typer.Option(None, help="near: NAME=SPEC of reference images, repeatable."),
     k: int = typer.Option(10, help="near: score = cosine similarity to the k-th nearest reference."),
+    nprobe: int = typer.Option(None, help="near: IVF lists probed (default: the index's; more = slower, better)."),
     clusters: int = typer.Option(64, help="diverse: k-means clusters (equal quotas)."),
     dedup: str = typer.Option(None, help="exact (content hash) or near:COS (embedding cosine >= COS)."),
     seed: int = typer.Option(0, help="Seed of every random choice; same seed, same selection."),
@@ -166,7 +167,7 @@ def select(
         SelectConfig(
             pool=pool, strategy=strategy, out=out, where=where, score=score, n=n, per_class=per_class,
             threshold=threshold, fraction=fraction, temperature=temperature, gamma=gamma, replace=replace,
-            references=list(reference or []), k=k, clusters=clusters, dedup=dedup, seed=seed,
+            references=list(reference or []), k=k, nprobe=nprobe, clusters=clusters, dedup=dedup, seed=seed,
         )
     )  # fmt: skip
     table = Table()

@@ -52,7 +52,10 @@ def embedding_batches(pool: Pool, rows: int = BATCH_ROWS):
     if not files:
         raise UserError(f"pool {pool.root} has no scored units; run 'curate score' first")
     dataset = ds.dataset(files, format="parquet")
-    for batch in dataset.to_batches(columns=["uid", "embedding"], batch_size=rows):
+    # bounded read-ahead: the default buffers dozens of row groups, GiBs of embeddings on a large pool
+    for batch in dataset.to_batches(
+        columns=["uid", "embedding"], batch_size=rows, batch_readahead=2, fragment_readahead=1
+    ):
         if batch.num_rows == 0:
             continue
         emb = batch.column("embedding")

@@ -55,6 +55,7 @@ class SelectConfig:
     replace: bool = False
     references: list[str] = field(default_factory=list)  # near: source specs of reference images
     k: int = 10  # near: the k-th nearest reference defines the score
+    nprobe: int | None = None  # near: IVF lists probed (default: the index's own, widened for a filter)
     clusters: int = 64  # diverse
     dedup: str | None = None  # exact | near:COS
     seed: int = 0
@@ -122,7 +123,7 @@ def select(cfg: SelectConfig) -> SelectResult:
         if not cfg.references:
             raise UserError("--strategy near needs --reference NAME=SPEC (images of the target task)")
         refs = embed_references(meta, cfg.references)
-        idx, near_score = near(pool, con, refs, cols["uid"], n, cfg.k, restrict=bool(cfg.where))
+        idx, near_score = near(pool, con, refs, cols["uid"], n, cfg.k, restrict=bool(cfg.where), nprobe=cfg.nprobe)
         cols["score"][idx] = near_score
         weight = None
     else:  # diverse
@@ -252,7 +253,14 @@ def water_fill(available: np.ndarray, n: int) -> np.ndarray:
 
 
 def near(
-    pool: Pool, con: duckdb.DuckDBPyConnection, refs: np.ndarray, uids: np.ndarray, n: int, k: int, restrict: bool
+    pool: Pool,
+    con: duckdb.DuckDBPyConnection,
+    refs: np.ndarray,
+    uids: np.ndarray,
+    n: int,
+    k: int,
+    restrict: bool,
+    nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """kNN expansion: each reference pulls its nearest pool samples (restricted to `uids` when the pool
     was filtered); candidates are ranked by the cosine similarity to their k-th nearest reference."""
@@ -264,8 +272,10 @@ def near(
     per_ref = min(len(uids), max(k, math.ceil(4 * n / len(refs))))
     ivf = _ivf(index)
     sel = faiss.IDSelectorBatch(np.ascontiguousarray(uids, dtype=np.int64)) if restrict else None
-    if ivf is not None:  # a restricted search probes wider, so enough allowed neighbours turn up
-        nprobe = min(ivf.nlist, ivf.nprobe * (4 if restrict else 1))
+    if ivf is not None:  # a restricted search probes wider (by 1/allowed share, at most 8x) to find enough
+        share = len(uids) / max(1, index.ntotal)
+        base = nprobe or ivf.nprobe
+        nprobe = min(ivf.nlist, math.ceil(base / max(share, 0.125))) if restrict else base
         params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel else faiss.SearchParametersIVF(nprobe=nprobe)
     else:
         params = faiss.SearchParameters(sel=sel) if sel else None
