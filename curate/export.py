@@ -22,6 +22,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,7 +326,7 @@ def _write_shard(args: tuple[str, dict, dict]) -> dict[str, Any]:
     path, task, header = args
     tmp = path + ".tmp"
     count, errors = 0, []
-    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as sink:
+    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, format=tarfile.USTAR_FORMAT) as sink:
         if "rows" in task:
             for sample in _selection_samples(task["rows"], header, errors):
                 sink.write(sample)
@@ -390,7 +391,7 @@ def _selection_samples(rows: list[dict], header: dict, errors: list) -> Any:
 def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
     for u in units:
         src = _source(header["sources"][u["source"]])
-        unit = next(x for x in _units(src) if x.id == u["unit"])
+        unit = next(x for x in src.cached_units() if x.id == u["unit"])
         for s in src.read(unit):
             sample_id = f"{src.name}/{s.key}"
             uid = uid_of(sample_id)
@@ -409,15 +410,6 @@ def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
                 {"uid": uid, "sample_id": sample_id, "source": src.name, "weight": 1.0}
             ).encode()
             yield sample
-
-
-_UNITS: dict[str, list] = {}
-
-
-def _units(src: Source) -> list:
-    if src.spec not in _UNITS:
-        _UNITS[src.spec] = src.units()
-    return _UNITS[src.spec]
 
 
 def _image_bytes(data: bytes | np.ndarray) -> tuple[str, bytes]:

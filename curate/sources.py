@@ -83,6 +83,12 @@ class Source:
     def units(self) -> list[Unit]:
         raise NotImplementedError
 
+    def cached_units(self) -> list[Unit]:
+        """units(), listed once per process (a folder walk or a tar glob can be slow)."""
+        if "_units" not in self.__dict__:
+            self.__dict__["_units"] = self.units()
+        return self.__dict__["_units"]
+
     def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
         raise NotImplementedError
 
@@ -112,11 +118,12 @@ class FolderSource(Source):
         if not root.is_dir():
             raise UserError(f"source {self.name}: folder not found: {root}")
         files = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        top = str(root)
+        for dirpath, dirnames, filenames in os.walk(top):
             dirnames.sort()
-            for f in filenames:
-                if f.lower().endswith(IMAGE_EXTS):
-                    files.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+            prefix = dirpath[len(top) :].strip(os.sep).replace(os.sep, "/")
+            prefix = prefix + "/" if prefix else ""
+            files += [prefix + f for f in filenames if f.lower().endswith(IMAGE_EXTS)]
         files.sort()
         if self.opts.get("labels") == "dirs":
             self.classes = sorted({f.split("/")[0] for f in files if "/" in f})
@@ -354,7 +361,7 @@ def _load_npy(path: str) -> np.ndarray:
 def read_keys(source: Source, wanted: dict[str, set[str]]) -> Iterator[tuple[str, RawSample]]:
     """Re-read samples of a scored source: `wanted` maps unit id -> keys. Yields (unit id, sample) for the
     keys found; a unit is read once, in the source's own order, so this streams like scoring did."""
-    for unit in source.units():
+    for unit in source.cached_units():
         keys = wanted.get(unit.id)
         if not keys:
             continue
