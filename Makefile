@@ -30,8 +30,10 @@ data:
 	  fi; \
 	fi
 
+# the demo job: pipelines/demo.toml on Fashion-MNIST, pipelines/demo-digits.toml where it is missing
 demo: venv data
-	$(BIN)/python -m pipelines.demo
+	@if [ -f $(FMNIST) ]; then $(BIN)/pipeline run pipelines/demo.toml; \
+	 else echo "Fashion-MNIST is not installed: running the digits demo"; $(BIN)/pipeline run pipelines/demo-digits.toml; fi
 
 test: venv data
 	$(BIN)/python -m pytest -q tests
@@ -45,6 +47,7 @@ bench: venv data
 	$(BIN)/python benchmarks/query.py
 	$(BIN)/python benchmarks/export_throughput.py
 	$(BIN)/python benchmarks/distill_throughput.py
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) work

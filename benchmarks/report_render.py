@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("report", nargs="?", default=str(ROOT / "work" / "demo" / "report"))
+    ap.add_argument("report", nargs="?", default=str(ROOT / "work" / "demo" / "report" / "report"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "report.png"))
     ap.add_argument("--height", type=int, default=4200)
     args = ap.parse_args()

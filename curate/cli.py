@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from curate.errors import UserError
+from curate.errors import run_app
 from distill.models import SpecError
 
 app = typer.Typer(
@@ -134,7 +134,7 @@ def sql(
 @app.command()
 def select(
     pool: str = typer.Argument(..., help="Pool directory."),
-    strategy: str = typer.Option(..., help="threshold, top-per-class, weighted, balanced, near or diverse."),
+    strategy: str = typer.Option(..., help="threshold, top-per-class, weighted, balanced, random, near or diverse."),
     out: str = typer.Option(..., help="Selection directory (selection.parquet + selection.json)."),
     where: str = typer.Option(None, help="SQL filter over the samples view, applied first."),
     score: str = typer.Option("confidence", help="Column or SQL expression ranking samples (higher = better)."),
@@ -271,11 +271,7 @@ def export(
 
 
 def main() -> None:
-    try:
-        app()
-    except (UserError, SpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_app(app, SpecError)
 
 
 if __name__ == "__main__":

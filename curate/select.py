@@ -9,6 +9,7 @@ every result is a function of the pool, the options and `--seed` alone.
     weighted        draw --n with probability ∝ softmax(score/τ) (or score^γ), with or without replacement
                     (Begon & Geurts 2022: preferential sampling by relatedness)
     balanced        --n in total, predicted classes equalised (water-filling when a class is short)
+    random          --n drawn uniformly without replacement (the blind-distillation baseline)
     near            kNN expansion from reference images through the pool's FAISS index, restricted to the
                     filtered uids; score = cosine similarity to the k-th nearest reference (deep kNN)
     diverse         k-means on the embeddings, equal quotas per cluster, best by score within a cluster
@@ -36,7 +37,7 @@ from curate.errors import UserError
 from curate.pool import Pool, write_json_atomic, write_parquet_atomic
 from curate.query import connect
 
-STRATEGIES = ("threshold", "top-per-class", "weighted", "balanced", "near", "diverse")
+STRATEGIES = ("threshold", "top-per-class", "weighted", "balanced", "random", "near", "diverse")
 
 
 @dataclass
@@ -91,7 +92,7 @@ def select(cfg: SelectConfig) -> SelectResult:
     where = f"WHERE ({cfg.where})" if cfg.where else ""
     score_sql = "0.0" if cfg.strategy == "near" else cfg.score
     # strategies that draw at random need a canonical row order (by uid) for --seed to mean the same draw
-    ordered = cfg.strategy in ("weighted", "balanced", "near", "diverse")
+    ordered = cfg.strategy in ("weighted", "balanced", "random", "near", "diverse")
     cols = _fetch(con, f"SELECT uid, pred, ({score_sql})::DOUBLE AS score FROM samples {where}", ordered)
     candidates = len(cols["uid"])
     if candidates == 0:
@@ -118,6 +119,9 @@ def select(cfg: SelectConfig) -> SelectResult:
     elif cfg.strategy == "balanced":
         n = _need(cfg.n, "--n N")
         idx, weight = balanced(cols["pred"], n, n_classes, rng), None
+    elif cfg.strategy == "random":  # the uniform baseline: every candidate equally likely, no repeats
+        n = _need(cfg.n, "--n N")
+        idx, weight = np.sort(rng.choice(candidates, min(n, candidates), replace=False)), None
     elif cfg.strategy == "near":
         n = _need(cfg.n, "--n N")
         if not cfg.references:

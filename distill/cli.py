@@ -42,17 +42,36 @@ def train(
     workers: int = typer.Option(2, help="Loader worker processes (decode)."),
     shuffle_buffer: int = typer.Option(5000, help="Samples in the shuffle buffer."),
     flip: bool = typer.Option(False, help="Random horizontal flips (only where a flip keeps the soft label valid)."),
+    teacher: str = typer.Option(
+        None, help="Online teacher (any teacher spec, as for 'curate score'): it labels each augmented/mixed view."
+    ),
+    online_fraction: float = typer.Option(
+        1.0, help="With stored soft labels: share of steps that augment and ask --teacher (the rest reuse them)."
+    ),
+    crop: int = typer.Option(0, help="Random crop after zero-padding by this many pixels (0: off)."),
+    randaugment: bool = typer.Option(False, help="RandAugment (2 ops, magnitude 9), one draw per group of samples."),
+    mixup: float = typer.Option(0.0, help="Mixup with lambda ~ Beta(A, A) (0: off)."),
+    cutmix: float = typer.Option(0.0, help="CutMix with lambda ~ Beta(A, A) (0: off; with --mixup, one per step)."),
+    feature_weight: float = typer.Option(0.0, help="FitNets term: L2 between projected student and teacher features."),
+    feature_layers: str = typer.Option("auto", help="STUDENT_LAYER:TEACHER_LAYER for --feature-weight, or auto."),
+    rkd_distance: float = typer.Option(0.0, help="Weight of the RKD distance term on the penultimate embeddings."),
+    rkd_angle: float = typer.Option(0.0, help="Weight of the RKD angle term on the penultimate embeddings."),
+    init: str = typer.Option(None, help="Start from these weights (a student.pt or run directory)."),
     seed: int = typer.Option(0, help="Seed of initialisation and data order."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Distill a student from shards written by 'curate export'.
 
-    Under torchrun this is data-parallel (DDP): shards are split by rank, rank 0 writes.
+    Offline (default), the soft labels stored in the shards are the targets. With --teacher, the teacher
+    runs on every augmented or mixed view (online); --online-fraction keeps the stored labels for plain
+    batches and pays for the teacher only on the augmented ones. Under torchrun this is data-parallel
+    (DDP): shards are split by rank, rank 0 writes.
 
     \b
     Examples:
       distill train shards/ --out runs/s1 --steps 3000 --eval eval-shards/
+      distill train shards/ --out runs/s2 --steps 3000 --teacher work/demo/teacher/run --crop 2 --mixup 0.4
       distill train labelled/ --out runs/teacher --loss ce --labels true --epochs 10 --student cnn
       torchrun --nproc_per_node 2 -m distill train shards/ --out runs/ddp --steps 3000
     """
@@ -65,12 +84,49 @@ def train(
             weight_decay=weight_decay, optimizer=optimizer, loss=loss, temperature=temperature, alpha=alpha,
             labels=labels, topk_classes=topk_classes, weights=weights, eval=eval, eval_every=eval_every,
             checkpoint_every=checkpoint_every, device=device, workers=workers, shuffle_buffer=shuffle_buffer,
-            flip=flip, seed=seed, resume=resume, show_progress=progress,
+            flip=flip, teacher=teacher, online_fraction=online_fraction, crop=crop, randaugment=randaugment,
+            mixup=mixup, cutmix=cutmix, feature_weight=feature_weight, feature_layers=feature_layers,
+            rkd_distance=rkd_distance, rkd_angle=rkd_angle, init=init, seed=seed, resume=resume,
+            show_progress=progress,
         )
     )  # fmt: skip
     note = f" (resumed at step {res.resumed_from})" if res.resumed_from else ""
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items() if k in ("accuracy", "agreement"))
     Console().print(f"{res.steps} steps{note} in {res.seconds:.1f} s; {final or 'no --eval'} -> {res.out}/student.pt")
+
+
+@app.command()
+def finetune(
+    run: str = typer.Argument(..., help="A run directory (or student.pt) to start from."),
+    data: str = typer.Option(..., help="Labelled shards; --per-class samples of each class are used."),
+    out: str = typer.Option(None, help="Where the fine-tuned run goes (default: RUN/finetune)."),
+    per_class: int = typer.Option(10, help="Labelled samples per class (drawn with --seed)."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    lr: float = typer.Option(3e-4, help="Learning rate: about a tenth of distillation's."),
+    batch_size: int = typer.Option(64, help="Samples per step."),
+    crop: int = typer.Option(2, help="Random-crop padding (0: off)."),
+    flip: bool = typer.Option(False, help="Random horizontal flips."),
+    eval: str = typer.Option(None, help="Labelled shards to evaluate on before and after."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, help="Seed of the labelled draw and of the batches."),
+) -> None:
+    """Fine-tune a distilled student on a few labelled samples per class at a low learning rate.
+
+    \b
+    Example:
+      curate export --source 'few=folder:/data/labelled?labels=dirs' --out few-shards/
+      distill finetune runs/s1 --data few-shards/ --per-class 10 --eval test-shards/
+    """
+    from distill.finetune import FinetuneConfig
+    from distill.finetune import finetune as run_finetune
+
+    res = run_finetune(FinetuneConfig(run=run, data=data, out=out, per_class=per_class, steps=steps, lr=lr,
+                                      batch_size=batch_size, crop=crop, flip=flip, eval=eval, device=device,
+                                      seed=seed))  # fmt: skip
+    msg = f"{res['samples']} labelled samples, {steps} steps -> {res['out']}/student.pt"
+    if "accuracy" in res:
+        msg += f"; accuracy {res['accuracy_before']:.4f} -> {res['accuracy']:.4f}"
+    Console().print(msg)
 
 
 @app.command("eval")

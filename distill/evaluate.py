@@ -100,3 +100,38 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@torch.inference_mode()
+def predictions(spec: str, shards: Shards, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, true label) for every sample of the shards, in shard order, by the model `spec`."""
+    model = load(spec)
+    net = model.model.to(device).eval()
+    s = model.input
+    mean = torch.tensor(s.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(s.std, device=device).view(1, -1, 1, 1)
+    preds, labels = [], []
+    for batch in loader(shards, 512, train=False, workers=0, spec=s):
+        x = batch["image"].to(device).float().div_(255).sub_(mean).div_(std)
+        preds.append(net(x).argmax(1).cpu().numpy())
+        labels.append(batch["label"].numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def compare(teacher: str, student: str | None, data: str, device: str = "auto") -> dict[str, Any]:
+    """Teacher accuracy, student accuracy and their agreement on the same labelled shards."""
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    shards = open_shards(data)
+    t_pred, labels = predictions(teacher, shards, dev)
+    known = labels >= 0
+    out: dict[str, Any] = {
+        "eval_samples": int(len(labels)),
+        "teacher_accuracy": float((t_pred == labels)[known].mean()),
+    }
+    if student:
+        s_pred, _ = predictions(student, shards, dev)
+        out["student_accuracy"] = float((s_pred == labels)[known].mean())
+        out["agreement"] = float((s_pred == t_pred).mean())
+    return out

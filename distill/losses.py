@@ -7,15 +7,25 @@ class-dropping, per-sample weights and the mean.
 
 Class-dropping (Wang et al. 2023): keep the teacher's top-K classes per sample, renormalise over them
 (the other classes get probability 0), which suppresses the label noise of out-of-domain samples.
+
+Terms that need the teacher's features (online mode), added to the batch loss with their own weights:
+
+    feature     FitNets (Romero et al. 2015): mean squared error between a learned projection of a student
+                layer and a teacher layer (1×1 conv for maps, linear for vectors; the larger map is pooled)
+    rkd-d       RKD distance (Park et al. 2019): smooth-L1 between the students' and the teacher's pairwise
+                distances in the batch, each divided by its mean
+    rkd-a       RKD angle: smooth-L1 between the cosines of the angles ∠(e_ij, e_kj) formed by triplets
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -74,23 +84,76 @@ def combine(
     teacher: torch.Tensor | None,
     labels: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    mix: Any = None,
 ) -> torch.Tensor:
-    """The batch loss: per-sample loss of cfg.name, class-dropped teacher, weighted mean."""
+    """The batch loss: per-sample loss of cfg.name, class-dropped teacher, weighted mean. `mix` (perm,
+    lam) says how the batch was mixed: true-label targets are mixed the same way (the teacher's logits
+    already belong to the mixed view)."""
     if cfg.name not in LOSSES:
         raise ValueError(f"unknown loss {cfg.name!r}; choose one of {', '.join(LOSSES)}")
     if teacher is None:
         if cfg.name != "ce" or cfg.labels != "true":
             raise ValueError("without teacher logits only --loss ce --labels true can train")
-        teacher = F.one_hot(labels, student.shape[1]).float()
+        teacher = F.one_hot(labels.clamp_min(0), student.shape[1]).float()
     if cfg.topk_classes:
         teacher = drop_classes(teacher, cfg.topk_classes)
     target = None
     if cfg.labels == "true":  # samples without a true label (-1) do not count
         known = (labels >= 0).float()
-        weights = known if weights is None else weights * known
         target = labels.clamp_min(0)
+        if mix is not None:
+            known = known * known[mix.perm]
+            n = student.shape[1]
+            target = mix.lam * F.one_hot(target, n).float() + (1 - mix.lam) * F.one_hot(target[mix.perm], n).float()
+        weights = known if weights is None else weights * known
     per_sample = LOSSES[cfg.name](student.float(), teacher.float(), temperature=cfg.temperature, alpha=cfg.alpha,
                                   target=target)  # fmt: skip
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------------------ feature terms
+
+
+def projection(student_dim: int, teacher_dim: int, spatial: bool) -> nn.Module:
+    """The learned map from a student layer to a teacher layer (FitNets' regressor)."""
+    return (
+        nn.Conv2d(student_dim, teacher_dim, 1, bias=False)
+        if spatial
+        else nn.Linear(student_dim, teacher_dim, bias=False)
+    )
+
+
+def feature_l2(student: torch.Tensor, teacher: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    """Mean squared error between proj(student features) and the teacher's, per sample; feature maps of
+    different sizes are average-pooled to the smaller one."""
+    s = proj(student)
+    if s.dim() == 4 and s.shape[-2:] != teacher.shape[-2:]:
+        size = (min(s.shape[-2], teacher.shape[-2]), min(s.shape[-1], teacher.shape[-1]))
+        s, teacher = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(teacher, size)
+    return (s - teacher).pow(2).flatten(1).mean(1)
+
+
+def _pairwise(e: torch.Tensor) -> torch.Tensor:
+    d = torch.cdist(e, e)
+    return d / d[d > 0].mean().clamp_min(1e-12)
+
+
+def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD-D: smooth-L1 between mean-normalised pairwise distances of the batch (Park et al. 2019)."""
+    with torch.no_grad():
+        t = _pairwise(teacher.flatten(1).float())
+    return F.smooth_l1_loss(_pairwise(student.flatten(1).float()), t)
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    diff = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # [j, i] = unit vector from e_j to e_i
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()  # [j, i, k] = cos ∠(e_i − e_j, e_k − e_j)
+
+
+def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD-A: smooth-L1 between the cosines of all triplet angles of the batch (Park et al. 2019)."""
+    with torch.no_grad():
+        t = _angles(teacher.flatten(1).float())
+    return F.smooth_l1_loss(_angles(student.flatten(1).float()), t)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from distill.augment import AugmentConfig, augment
 from distill.data import loader, open_shards
 from distill.evaluate import evaluate_model
-from distill.losses import LOSSES, LossConfig, combine
+from distill.losses import LOSSES, LossConfig, combine, feature_l2, projection, rkd_angle, rkd_distance
 from distill.metrics import append_metrics, plot_curves, progress_bar, read_metrics, write_json
-from distill.models import InputSpec, SpecError, build, save_checkpoint
+from distill.models import InputSpec, SpecError, build, load, save_checkpoint
+from distill.online import OnlineTeacher, Tap, to_view
 
 
 @dataclass
@@ -49,16 +52,18 @@ def to_input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
-def fit_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig) -> list[float]:
-    """Cross-entropy on (x, y) with AdamW and a cosine schedule; returns the loss per step."""
+def fit_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig,
+               view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:  # fmt: skip
+    """Cross-entropy on (x, y) with AdamW and a cosine schedule; `view` turns a batch of x into the model's
+    input (augmentation, normalisation). Returns the loss per step."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     model.train()
     losses = []
     for _ in range(cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(x.device)
+        loss = F.cross_entropy(model(view(x[idx]) if view else x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -107,9 +112,28 @@ class TrainConfig:
     workers: int = 2
     shuffle_buffer: int = 5000
     flip: bool = False
+    teacher: str | None = None  # online teacher spec: it labels every augmented or mixed view
+    online_fraction: float = 1.0  # with stored soft labels: share of steps that augment and ask the teacher
+    crop: int = 0  # random-crop padding in pixels
+    randaugment: bool = False
+    mixup: float = 0.0  # Beta(α, α)
+    cutmix: float = 0.0
+    feature_weight: float = 0.0  # FitNets term
+    feature_layers: str = "auto"  # STUDENT_LAYER:TEACHER_LAYER, or auto (the penultimate embeddings)
+    rkd_distance: float = 0.0  # RKD terms on the penultimate embeddings
+    rkd_angle: float = 0.0
+    init: str | None = None  # start from these weights (a student.pt or run directory)
     seed: int = 0
     resume: bool = False
     show_progress: bool = True
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(crop=self.crop, randaugment=self.randaugment, mixup=self.mixup, cutmix=self.cutmix)
+
+    @property
+    def needs_features(self) -> bool:
+        return self.feature_weight > 0 or self.rkd_distance > 0 or self.rkd_angle > 0
 
 
 @dataclass
@@ -148,8 +172,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
     steps = cfg.steps or math.ceil((cfg.epochs or 1) * shards.count / per_step)
     torch.manual_seed(cfg.seed)
     model, factory, kwargs = build(cfg.student, len(shards.classes), shards.input)
+    if cfg.init:
+        _init_from(model, cfg.init)
     model = model.to(device).to(memory_format=torch.channels_last)
-    opt = _optimizer(cfg, model)
+    spec = shards.input
+    s_layer, t_layer = _layers(cfg)
+    teacher = (OnlineTeacher(cfg.teacher, device, len(shards.classes), [t_layer, "auto"] if cfg.needs_features
+                             else []) if cfg.teacher else None)  # fmt: skip
+    s_taps = {layer: Tap(model, layer, "student") for layer in {s_layer, "auto"}} if cfg.needs_features else {}
+    proj = _projection(model, teacher, s_taps[s_layer], t_layer, spec, device) if cfg.feature_weight > 0 else None
+    opt = _optimizer(cfg, model, proj)
     warm = max(1, int(cfg.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -158,6 +190,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
     if cfg.resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        if proj is not None:
+            proj.load_state_dict(state["proj"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch = int(state["step"]), int(state["epoch"]) + 1  # the interrupted epoch restarts reshuffled
@@ -167,12 +201,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
     if rank == 0:
         write_json(out / "config.json", {**asdict(cfg), "steps_total": steps, "world_size": world,
                                          "classes": shards.classes, "input": shards.manifest["input"],
-                                         "teacher": shards.manifest.get("teacher"), "factory": factory,
+                                         "soft_label_teacher": shards.manifest.get("teacher"), "factory": factory,
                                          "kwargs": kwargs})  # fmt: skip
         _truncate_metrics(out / "metrics.jsonl", step)
     ddp = DDP(model) if world > 1 else model
     eval_shards = open_shards(cfg.eval) if cfg.eval else None
-    spec = shards.input
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -184,18 +217,31 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
 
     final: dict[str, Any] = {}
     seen, window_t, window_n, window_loss = 0, time.perf_counter(), 0, 0.0
+    window_terms: dict[str, float] = {}  # the weighted feature/relational terms, logged beside the loss
     ddp.train()
     with progress_bar("distilling", steps, enabled=cfg.show_progress and rank == 0, start=step) as advance:
         while step < steps:
             batch = next(stream)
-            x = batch["image"].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-            x = x.contiguous(memory_format=torch.channels_last)
-            teacher = batch["logits"].to(device, non_blocking=True) if bool(batch["has_logits"].all()) else None
+            x01 = batch["image"].to(device, non_blocking=True).float().div_(255)
+            stored = batch["logits"].to(device, non_blocking=True) if bool(batch["has_logits"].all()) else None
             labels = batch["label"].to(device, non_blocking=True)
             weights = batch["weight"].to(device, non_blocking=True) if cfg.weights else None
+            online = teacher is not None and (stored is None or _online_step(cfg, step))
+            mix, t_feats = None, {}
+            if online or teacher is None:  # stored soft labels belong to the plain view: only it uses them
+                x01, mix = augment(x01, cfg.augment)
+            t_logits = stored
+            if online:
+                t_logits, t_feats = teacher(x01)
+            x = x01.sub(mean).div_(std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
                 logits = ddp(x)
-            loss = combine(loss_cfg, logits.float(), teacher, labels, weights)
+            loss = combine(loss_cfg, logits.float(), t_logits, labels, weights, mix)
+            if t_feats:
+                terms = _feature_terms(cfg, s_taps, t_feats, s_layer, t_layer, proj)
+                loss = loss + sum(terms.values())
+                for k, v in terms.items():
+                    window_terms[k] = window_terms.get(k, 0.0) + v.item() * len(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -215,7 +261,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                     "loss": window_loss / max(1, window_n),
                     "lr": sched.get_last_lr()[0],
                     "samples_per_s": window_n * world / (now - window_t),
+                    **{k: v / max(1, window_n) for k, v in window_terms.items()},
                 }
+                window_terms = {}
                 append_metrics(out / "metrics.jsonl", row)
                 window_t, window_n, window_loss = now, 0, 0.0
             if eval_shards is not None and (step % cfg.eval_every == 0 or last):
@@ -225,13 +273,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                 ddp.train()
             if step % cfg.checkpoint_every == 0 or last:
                 if rank == 0:
-                    _save_state(ckpt_path, model, opt, sched, step, epoch + seen // epoch_size)
+                    _save_state(ckpt_path, model, opt, sched, step, epoch + seen // epoch_size, proj)
                 if world > 1:
                     dist.barrier()
     if rank == 0:
         save_checkpoint(out / "student.pt", model, factory, kwargs, shards.classes, spec,
                         extra={"run": {"steps": step, "loss": cfg.loss, "shards": cfg.shards,
-                                       "teacher": shards.manifest.get("teacher")}})  # fmt: skip
+                                       "teacher": cfg.teacher or shards.manifest.get("teacher")}})  # fmt: skip
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return TrainResult(str(out), step, resumed_from, _scalars(final), time.perf_counter() - t0)
 
@@ -243,25 +291,92 @@ def _check(cfg: TrainConfig, shards) -> None:
         raise SpecError(f"unknown --loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.labels == "true" and not shards.manifest.get("labels"):
         raise SpecError(f"--labels true needs shards with true labels; {cfg.shards} has none")
-    if shards.soft_labels == "none" and not (cfg.loss == "ce" and cfg.labels == "true"):
-        raise SpecError(f"{cfg.shards} holds no teacher soft labels; train on them with --loss ce --labels true")
+    supervised = cfg.loss == "ce" and cfg.labels == "true"
+    if shards.soft_labels == "none" and not supervised and not cfg.teacher:
+        raise SpecError(
+            f"{cfg.shards} holds no teacher soft labels; give an online --teacher, or use --loss ce --labels true"
+        )
+    aug = cfg.augment
+    if (aug.geometric or aug.mixing) and not cfg.teacher and not supervised:
+        raise SpecError("--crop, --randaugment, --mixup and --cutmix change the view the stored soft labels belong to; "
+                        "give an online --teacher (or train with --loss ce --labels true)")  # fmt: skip
+    if cfg.needs_features and not cfg.teacher:
+        raise SpecError("--feature-weight and --rkd-* compare against the teacher's features; give an online --teacher")
+    if cfg.mixup < 0 or cfg.cutmix < 0 or cfg.crop < 0:
+        raise SpecError("--mixup, --cutmix and --crop must be >= 0")
+    if not 0 < cfg.online_fraction <= 1:
+        raise SpecError(f"--online-fraction must be in (0, 1], got {cfg.online_fraction}")
     if cfg.optimizer not in ("adamw", "sgd"):
         raise SpecError(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
     if (cfg.steps is None) == (cfg.epochs is None):
         raise SpecError("give exactly one of --steps N or --epochs N")
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(cfg: TrainConfig, model: nn.Module, proj: nn.Module | None = None) -> torch.optim.Optimizer:
+    params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                               nesterov=True)  # fmt: skip
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_state(path: Path, model, opt, sched, step: int, epoch: int) -> None:
+def _online_step(cfg: TrainConfig, step: int) -> bool:
+    """Whether this step augments and asks the teacher (a function of seed and step: resumes agree)."""
+    return cfg.online_fraction >= 1 or np.random.default_rng([cfg.seed, step]).random() < cfg.online_fraction
+
+
+def _layers(cfg: TrainConfig) -> tuple[str, str]:
+    if cfg.feature_layers == "auto":
+        return "auto", "auto"
+    s_layer, sep, t_layer = cfg.feature_layers.partition(":")
+    if not sep or not s_layer or not t_layer:
+        raise SpecError(f"--feature-layers must be STUDENT_LAYER:TEACHER_LAYER or auto, got {cfg.feature_layers!r}")
+    return s_layer, t_layer
+
+
+def _projection(model: nn.Module, teacher: OnlineTeacher, tap: Tap, t_layer: str, spec: InputSpec,
+                device: torch.device) -> nn.Module:  # fmt: skip
+    """FitNets' regressor, sized by one forward of a blank batch through both networks."""
+    was_training = model.training
+    model.eval()
+    blank = torch.zeros(2, spec.channels, spec.size, spec.size, device=device)
+    with torch.no_grad():
+        model(to_view(blank, spec))
+    _, t_feats = teacher(blank)
+    s, t = tap.value, t_feats[t_layer]
+    model.train(was_training)
+    if s.dim() != t.dim() or s.dim() not in (2, 4):
+        raise SpecError(f"--feature-layers: the student layer gives {tuple(s.shape[1:])}, the teacher layer "
+                        f"{tuple(t.shape[1:])}; pair two feature maps or two vectors")  # fmt: skip
+    return projection(s.shape[1], t.shape[1], s.dim() == 4).to(device)
+
+
+def _feature_terms(cfg: TrainConfig, s_taps: dict[str, Tap], t_feats: dict[str, torch.Tensor], s_layer: str,
+                   t_layer: str, proj: nn.Module | None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The weighted feature and relational terms of this batch, by name."""
+    terms = {}
+    if proj is not None:
+        terms["feature"] = cfg.feature_weight * feature_l2(s_taps[s_layer].value.float(), t_feats[t_layer], proj).mean()
+    s_emb, t_emb = s_taps["auto"].value, t_feats["auto"]
+    if cfg.rkd_distance > 0:
+        terms["rkd_distance"] = cfg.rkd_distance * rkd_distance(s_emb, t_emb)
+    if cfg.rkd_angle > 0:
+        terms["rkd_angle"] = cfg.rkd_angle * rkd_angle(s_emb, t_emb)
+    return terms
+
+
+def _init_from(model: nn.Module, spec: str) -> None:
+    src = load(spec).model
+    try:
+        model.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise SpecError(f"--init {spec} does not fit --student: {str(e).splitlines()[0]}") from None
+
+
+def _save_state(path: Path, model, opt, sched, step: int, epoch: int, proj: nn.Module | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "epoch": epoch, "rng": torch.get_rng_state()}, tmp)  # fmt: skip
+                "step": step, "epoch": epoch, "rng": torch.get_rng_state(),
+                **({"proj": proj.state_dict()} if proj is not None else {})}, tmp)  # fmt: skip
     tmp.replace(path)
 
 

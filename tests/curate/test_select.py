@@ -111,6 +111,20 @@ def test_balanced_equalises_predicted_classes(pool, tmp_path):
     assert list(water_fill(np.array([3, 50, 50, 0]), 60)) == [3, 29, 28, 0]
 
 
+def test_random_is_uniform_without_repeats(pool, tmp_path):
+    table, info = run(pool, tmp_path / "r", strategy="random", n=500, seed=1, where="source <> 'digits'")
+    uids = table.column("uid").to_numpy()
+    assert len(uids) == len(set(uids)) == 500 and "digits" not in info["per_source"]
+    share = {s: c / 500 for s, c in info["per_source"].items()}
+    avail = pool_column(pool, "SELECT source, count(*) AS n FROM samples WHERE source <> 'digits' GROUP BY 1")
+    total = avail["n"].sum()
+    for s, n in zip(avail["source"], avail["n"], strict=True):  # within 5 sigma of the hypergeometric share
+        p = n / total
+        assert abs(share.get(s, 0) - p) < 5 * np.sqrt(p * (1 - p) / 500)
+    again, _ = run(pool, tmp_path / "r2", strategy="random", n=500, seed=2, where="source <> 'digits'")
+    assert set(again.column("uid").to_numpy()) != set(uids)
+
+
 def test_threshold_by_value_and_by_fraction(pool, tmp_path):
     table, _ = run(pool, tmp_path / "t", strategy="threshold", threshold=0.9, score="confidence")
     assert table.num_rows > 0 and table.column("score").to_numpy().min() >= 0.9 - 1e-6

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from distill.losses import LossConfig, combine, drop_classes, kd
+from distill.losses import LossConfig, combine, drop_classes, feature_l2, kd, projection, rkd_angle, rkd_distance
 
 
 def softmax(v: list[float], t: float = 1.0) -> list[float]:
@@ -66,3 +67,58 @@ def test_per_sample_weights():
     assert got == pytest.approx((3 * hand_kd(S, T, 1.0) + hand_kd(T, S, 1.0)) / 4, rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         combine(LossConfig("nope"), s, t)
+
+
+def test_feature_l2_against_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, generator=gen), torch.randn(3, 2, generator=gen)
+    proj = projection(4, 2, spatial=False)
+    w = proj.weight.detach().numpy()
+    want = ((s.numpy() @ w.T - t.numpy()) ** 2).mean(1)
+    assert np.allclose(feature_l2(s, t, proj).detach().numpy(), want, atol=1e-6)
+    # maps: a 1×1 conv, and the larger map average-pooled to the smaller one
+    sm, tm = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 5, 2, 2, generator=gen)
+    conv = projection(3, 5, spatial=True)
+    pooled = torch.nn.functional.avg_pool2d(conv(sm), 2)
+    want = ((pooled - tm) ** 2).flatten(1).mean(1)
+    assert torch.allclose(feature_l2(sm, tm, conv), want, atol=1e-6)
+
+
+def _smooth_l1(a: np.ndarray, b: np.ndarray) -> float:
+    d = np.abs(a - b)
+    return float(np.where(d < 1, 0.5 * d**2, d - 0.5).mean())
+
+
+def test_rkd_distance_against_hand_computation():
+    s = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # pairwise distances 3, 4, 5
+    t = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # 1, 1, √2
+
+    def normed(e):
+        d = np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1))
+        return d / d[d > 0].mean()
+
+    want = _smooth_l1(normed(s), normed(t))
+    got = rkd_distance(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32))
+    assert float(got) == pytest.approx(want, rel=1e-5) and want > 0
+    assert float(rkd_distance(torch.tensor(s) * 7, torch.tensor(s))) == pytest.approx(0, abs=1e-6)  # scale-free
+
+
+def test_rkd_angle_against_hand_computation():
+    gen = np.random.default_rng(0)
+    s, t = gen.normal(size=(4, 3)), gen.normal(size=(4, 5))
+
+    def cosines(e):
+        out = []
+        for j in range(4):
+            for i in range(4):
+                for k in range(4):
+                    a, b = e[i] - e[j], e[k] - e[j]
+                    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+                    out.append(0.0 if na == 0 or nb == 0 else a @ b / (na * nb))
+        return np.array(out)
+
+    want = _smooth_l1(cosines(s), cosines(t))
+    got = rkd_angle(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32))
+    assert float(got) == pytest.approx(want, rel=1e-4) and want > 0
+    rot = np.linalg.qr(gen.normal(size=(3, 3)))[0]  # angles survive a rotation and a scale
+    assert float(rkd_angle(torch.tensor(s @ rot * 3.0), torch.tensor(s))) == pytest.approx(0, abs=1e-6)

@@ -1,0 +1,96 @@
+"""`distill finetune`: a distilled student, fine-tuned on a few labelled samples per class at a low
+learning rate (Menghani & Ravi 2019: a little labelled data corrects what the proxy data got wrong).
+
+The K samples per class are drawn with the seed from labelled shards and held in memory; batches are
+drawn from them with a random crop (and flip when asked); cross-entropy on the true labels, AdamW with a
+cosine schedule from `lr`. The result is a new run directory with `student.pt` and `finetune.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.augment import AugmentConfig, augment
+from distill.data import loader, open_shards
+from distill.evaluate import evaluate_model
+from distill.metrics import write_json
+from distill.models import SpecError, load, save_checkpoint
+from distill.train import FitConfig, fit_arrays
+
+
+@dataclass
+class FinetuneConfig:
+    run: str
+    data: str
+    out: str | None = None  # default RUN/finetune
+    per_class: int = 10
+    steps: int = 200
+    lr: float = 3e-4
+    batch_size: int = 64
+    crop: int = 2
+    flip: bool = False
+    eval: str | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
+def labelled_subset(data: str, spec, num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` samples of every class (fewer where a class has fewer), drawn with `seed`, as uint8 images
+    in the student's preprocessing and their labels."""
+    shards = open_shards(data)
+    if not shards.manifest.get("labels"):
+        raise SpecError(f"{data} holds no true labels; export a labelled source ('?labels=dirs', idx labels, ...)")
+    if len(shards.classes) != num_classes:
+        raise SpecError(f"{data} has {len(shards.classes)} classes, the student {num_classes}")
+    images, labels = [], []
+    for batch in loader(shards, 512, train=False, workers=0, spec=spec):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    x, y = torch.cat(images), torch.cat(labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(num_classes):
+        members = np.flatnonzero(y.numpy() == c)
+        keep.append(rng.permutation(members)[:per_class])
+    idx = torch.from_numpy(np.sort(np.concatenate(keep)))
+    if len(idx) == 0:
+        raise SpecError(f"{data} has no labelled samples of the student's classes")
+    return x[idx], y[idx]
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    run = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "finetune"
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    student = load(cfg.run)
+    if student.factory is None:
+        raise SpecError(f"{cfg.run} is not a student checkpoint with a factory; fine-tune a 'distill train' run")
+    spec, classes = student.input, student.classes
+    x, y = labelled_subset(cfg.data, spec, len(classes), cfg.per_class, cfg.seed)
+    model = student.model.to(device)
+    eval_shards = open_shards(cfg.eval) if cfg.eval else None
+    result: dict[str, Any] = {"samples": len(y), "per_class": cfg.per_class, "out": str(out)}
+    if eval_shards is not None:
+        result["accuracy_before"] = evaluate_model(model, eval_shards, device, spec, workers=0)["accuracy"]
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    aug = AugmentConfig(crop=cfg.crop, flip=cfg.flip)
+    torch.manual_seed(cfg.seed)
+    fit = FitConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=5e-4, seed=cfg.seed)
+    losses = fit_arrays(model, x.to(device), y.to(device), fit,
+                        view=lambda b: augment(b.float().div(255), aug)[0].sub(mean).div(std))  # fmt: skip
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    if eval_shards is not None:
+        result["accuracy"] = evaluate_model(model, eval_shards, device, spec, workers=0)["accuracy"]
+    result["loss_first"], result["loss_last"] = losses[0], float(np.mean(losses[-10:]))
+    save_checkpoint(out / "student.pt", model.cpu(), student.factory, student.kwargs, classes, spec,
+                    extra={"finetune": {**asdict(cfg), "from": student.fingerprint}})  # fmt: skip
+    write_json(out / "finetune.json", result)
+    return result

@@ -1,0 +1,84 @@
+"""`pipeline`: run a batch job from one TOML spec."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from curate.errors import run_app
+from distill.models import SpecError
+
+app = typer.Typer(
+    help="Run kdcurate batch jobs: teacher, score, index, select, export, eval, distill, report from one TOML spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _main() -> None:
+    """Batch jobs from a TOML spec (see pipelines/demo.toml and pipelines/example.toml)."""
+
+
+@app.command()
+def run(
+    job: str = typer.Argument(..., help="The job spec (TOML)."),
+    from_: str = typer.Option(None, "--from", help="Run this stage and every later one again."),
+    force: bool = typer.Option(False, help="Run every stage again."),
+    dry_run: bool = typer.Option(False, help="Print what would run and why, run nothing."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run the job's stages in order. A stage is skipped when its parameters and inputs have not changed
+    since it completed; a killed job continues where it stopped when run again.
+
+    \b
+    Example:
+      pipeline run pipelines/demo.toml
+      pipeline run job.toml --from distill
+    """
+    from pipelines.run import run as run_job
+
+    console = Console()
+    res = run_job(job, start=from_, force=force, dry_run=dry_run, show_progress=progress, log=console.print)
+    plan = Table(title=f"job {res.job.name} ({res.job.work})")
+    for col in ("stage", "action", "why", "seconds"):
+        plan.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in res.stages:
+        plan.add_row(s.stage, s.action, s.reason, f"{s.seconds:.1f}" if s.action == "run" and not dry_run else "")
+    console.print(plan)
+    if dry_run:
+        return
+    summ = res.summary
+    t = Table(title="summary")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for key in ("teacher_accuracy", "student_accuracy", "agreement"):
+        if key in summ:
+            t.add_row(key.replace("_", " "), f"{summ[key]:.4f}")
+    if "selection" in summ:
+        sel = summ["selection"]
+        t.add_row("selection", f"{sel['rows']:,} samples, H/log C {sel['rel_entropy']:.3f}")
+        t.add_row("composition", ", ".join(f"{k} {v:,}" for k, v in sel["per_source"].items()))
+        if "precision" in sel:
+            t.add_row(
+                "selection precision",
+                f"{sel['precision']:.3f} (task share of the pool {sel['task_share_of_pool']:.3f})",
+            )
+    if "auroc" in summ:
+        t.add_row("AUROC, task sources positive", ", ".join(f"{k} {v:.3f}" for k, v in summ["auroc"].items()))
+    t.add_row("wall time per stage", ", ".join(f"{k} {v:.0f}s" for k, v in summ["seconds"].items()))
+    console.print(t)
+    for key in ("student", "report"):
+        if key in summ:
+            console.print(f"{key}: {summ[key]}")
+
+
+def main() -> None:
+    run_app(app, SpecError)
+
+
+if __name__ == "__main__":
+    main()

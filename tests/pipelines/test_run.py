@@ -1,0 +1,157 @@
+"""pipeline run: a tiny job end to end, caching, re-running what changed, resuming, bad specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.run import run
+from tests.conftest import ROOT, run_cli
+
+JOB = """
+[job]
+name = "tiny"
+work = "{work}"
+
+[teacher]
+source = "train=builtin:digits?stop=1200"
+student = "cnn-tiny"
+steps = 120
+
+[score]
+sources = ["digits=builtin:digits?start=1500", "noise=synthetic:noise?n=300&size=8", "glyphs=synthetic:glyphs?n=200"]
+batch-size = 128
+
+[index]
+
+[select]
+strategy = "top-per-class"
+per-class = {per_class}
+score = "energy"
+
+[export]
+shard-size = 100
+
+[eval]
+source = "test=builtin:digits?start=1200&stop=1500"
+
+[distill]
+student = "cnn-tiny"
+steps = {steps}
+batch-size = 64
+workers = 0
+checkpoint-every = 20
+{distill_extra}
+
+[report]
+thumbs = 3
+"""
+
+
+ONLINE = "online = true\ncrop = 1\nmixup = 0.2"  # the job's teacher labels each augmented, mixed view
+
+
+def write_job(path: Path, work: Path, per_class: int = 20, steps: int = 80, distill_extra: str = "") -> Path:
+    path.write_text(JOB.format(work=work, per_class=per_class, steps=steps, distill_extra=distill_extra))
+    return path
+
+
+def actions(res) -> dict[str, str]:
+    return {s.stage: s.action for s in res.stages}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("job")
+    spec = write_job(root / "job.toml", root / "work", distill_extra=ONLINE)
+    proc = run_cli("pipelines", "run", str(spec), "--no-progress", check=True)
+    assert "teacher accuracy" in proc.stdout and "student accuracy" in proc.stdout
+    return spec, root / "work"
+
+
+def test_job_runs_end_to_end_and_summarises(job):
+    spec, work = job
+    summary = json.loads((work / "eval" / "eval.json").read_text())
+    assert summary["teacher_accuracy"] > 0.8 and summary["student_accuracy"] > 0.6
+    assert 0.6 < summary["agreement"] <= 1.0
+    assert (work / "distill" / "run" / "student.pt").is_file()
+    assert (work / "report" / "report" / "report.html").is_file()
+    assert summary["selection"]["rows"] == 200 and set(summary["seconds"]) >= {"teacher", "score", "distill"}
+    config = json.loads((work / "distill" / "run" / "config.json").read_text())
+    assert config["teacher"] == str(work / "teacher" / "run") and config["mixup"] == 0.2 and config["crop"] == 1
+
+
+def test_unchanged_stages_are_skipped_and_changed_ones_rerun(job, tmp_path):
+    spec, work = job
+    again = run(str(spec), show_progress=False)
+    assert set(actions(again).values()) == {"skip"}
+    write_job(
+        spec, work, per_class=15, distill_extra=ONLINE
+    )  # selection changed: it and everything reading it run again
+    res = run(str(spec), show_progress=False, log=lambda _: None)
+    acts = actions(res)
+    assert acts["teacher"] == acts["score"] == acts["index"] == acts["eval"] == "skip"
+    assert acts["select"] == acts["export"] == acts["distill"] == acts["report"] == "run"
+    assert res.summary["selection"]["rows"] == 150
+    dry = run(str(spec), start="distill", dry_run=True)
+    assert actions(dry)["select"] == "skip" and actions(dry)["distill"] == "run"
+    write_job(spec, work, distill_extra=ONLINE)  # back to the fixture's spec for the other tests
+
+
+def test_killed_job_resumes_where_it_stopped(tmp_path):
+    spec = write_job(tmp_path / "job.toml", tmp_path / "work", steps=600)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run", str(spec), "--no-progress"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    ckpt = tmp_path / "work" / "distill" / "run" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the job never reached distillation"
+    res = run(str(spec), show_progress=False, log=lambda _: None)
+    acts = {s.stage: (s.action, s.reason) for s in res.stages}
+    assert acts["teacher"][0] == acts["score"][0] == acts["export"][0] == "skip"
+    assert acts["distill"] == ("run", "resuming")
+    rows = [json.loads(x) for x in (tmp_path / "work" / "distill" / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 600
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[teacher]\nspec = "t.pt"\n[score]\nsources = []\nbogus = 1\n', "line 5: unknown key 'bogus' in [score]"),
+        ('[teacher]\nspec = "t.pt"\n[score]\nbatch-size = 3\n', "line 3: [score] needs 'sources'"),
+        ('[teacher]\nspec = "t.pt"\n[scroe]\nsources = []\n', "line 3: unknown stage [scroe]"),
+        ('[teacher]\nspec = "t.pt"\nsource = "x=builtin:digits"\n', "exactly one of 'spec' or 'source'"),
+        ('[teacher]\nspec = "t.pt"\n[select]\nstrategy = "balanced"\n', "[select] needs a [score] stage"),
+        (
+            '[teacher]\nspec = "t.pt"\n[score]\nsources = []\nbatch-size = "big"\n',
+            "line 5: 'batch-size' in [score] must be int",
+        ),
+        ('[teacher]\nspec = "t.pt"\n[score]\nsources = []\nworkers = true\n', "must be int, got True"),
+        ("[teacher\n", "job.toml"),
+    ],
+)
+def test_bad_specs_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "job.toml").write_text(text)
+    proc = run_cli("pipelines", "run", str(tmp_path / "job.toml"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_shipped_specs_are_valid():
+    from pipelines.run import load_job
+
+    for name in ("demo.toml", "demo-digits.toml", "example.toml"):
+        job = load_job(str(ROOT / "pipelines" / name))
+        assert list(job.stages) == ["teacher", "score", "index", "select", "export", "eval", "distill", "report"]
