@@ -79,8 +79,8 @@ ROWS = [
         {"strategy": "random", "n": N_SELECT, "where": NO_TASK}),
     Row("E", "top-per-class by confidence", {"strategy": "top-per-class", "per_class": N_SELECT // 10,
                                               "score": "confidence"}),
-    Row("F", "weighted preferential sampling, p ∝ softmax(energy / 0.5), with replacement",
-        {"strategy": "weighted", "n": N_SELECT, "score": "energy", "temperature": 0.5, "replace": True}),
+    Row("F", "weighted preferential sampling, p ∝ softmax(energy / 2), with replacement (τ = 2 ≈ the std of energy)",
+        {"strategy": "weighted", "n": N_SELECT, "score": "energy", "temperature": 2.0, "replace": True}),
     Row("G", "top-per-class by energy, BN-plausible (bn_score above the pool's 50th percentile), exact dedup",
         {"strategy": "top-per-class", "per_class": N_SELECT // 10, "score": "energy", "dedup": "exact",
          "where": "bn_score > (SELECT quantile_cont(bn_score, 0.5) FROM samples)"}),
@@ -96,7 +96,7 @@ ONLINE_MODES = [
     ("mix", "online teacher, crop + flip + mixup (α 0.4) / CutMix (α 1)", MIX),
     ("mix+rkd", "… + RKD distance (1) and angle (2)", {**MIX, "rkd_distance": 1.0, "rkd_angle": 2.0}),
     ("mix+feat", "… + FitNets feature L2 on the penultimate embeddings (weight 1)", {**MIX, "feature_weight": 1.0}),
-    ("ft", "offline KD, then fine-tuned on 10 labels per class (200 steps, lr 3e-4)", None),
+    ("ft", "offline KD, then fine-tuned on 10 labels per class (200 steps, lr 3e-4, BatchNorm frozen)", None),
 ]
 ONLINE_ROWS = [
     Row(f"{base}:{key}", what, None, train or {}, base=base, finetune=train is None)
@@ -336,14 +336,15 @@ def render_online(results: dict[str, list[dict]], online: dict[str, list[dict]],
     a_acc = float(np.mean([r["accuracy"] for r in results["A"]]))
     rows = []
     for row in ONLINE_ROWS:
-        base = results[row.base]
+        seeds = {r["seed"] for r in online[row.key]}
+        base = [r for r in results[row.base] if r["seed"] in seeds]  # the offline students of the same seeds
         b_acc, b_sec = np.mean([r["accuracy"] for r in base]), np.mean([r["seconds"] for r in base])
         acc = np.array([r["accuracy"] for r in online[row.key]])
-        sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        shown = f"{acc.mean():.4f} ± {acc.std(ddof=1):.4f}" if len(acc) > 1 else f"{acc.mean():.4f}"
         sec = float(np.mean([r["seconds"] for r in online[row.key]]))
         reach = steps_to([r["curve"] for r in online[row.key]], 0.95 * a_acc) if not row.finetune else None
         cost = f"+{sec:.0f} s" if row.finetune else f"{sec / b_sec:.2f}x"
-        rows.append([row.base, row.what, f"{acc.mean():.4f} ± {sd:.4f}", f"{acc.mean() - b_acc:+.4f}",
+        rows.append([row.base, row.what, shown, f"{acc.mean() - b_acc:+.4f}",
                      f"{acc.mean() / a_acc:.3f}", "-" if row.finetune else (reach or f"> {args.steps}"),
                      f"{sec:.0f}", cost])  # fmt: skip
     return "\n".join(
@@ -354,8 +355,9 @@ def render_online(results: dict[str, list[dict]], online: dict[str, list[dict]],
             "",
             f"The same teacher, student, test set and budget as the table above ({args.steps} steps of batch 128), "
             "on the selections of (G) (the whole pool) and (G-D) (the pool without Fashion-MNIST). Online rows run "
-            f"the teacher on every augmented or mixed view; {args.online_seeds} seeds each. Δ is against the offline "
-            "KD row on the same selection; cost is wall time relative to it (fine-tuning: the time it adds).",
+            f"the teacher on every augmented or mixed view; {args.online_seeds} seed(s) each. Δ is against the "
+            "offline KD students of the same selection and the same seeds; cost is wall time relative to it "
+            "(fine-tuning: the time it adds).",
             "",
             table(
                 [

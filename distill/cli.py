@@ -106,6 +106,9 @@ def finetune(
     batch_size: int = typer.Option(64, help="Samples per step."),
     crop: int = typer.Option(2, help="Random-crop padding (0: off)."),
     flip: bool = typer.Option(False, help="Random horizontal flips."),
+    freeze_bn: bool = typer.Option(
+        True, help="Keep BatchNorm's running statistics (a few samples per class would overwrite them)."
+    ),
     eval: str = typer.Option(None, help="Labelled shards to evaluate on before and after."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, help="Seed of the labelled draw and of the batches."),
@@ -121,8 +124,8 @@ def finetune(
     from distill.finetune import finetune as run_finetune
 
     res = run_finetune(FinetuneConfig(run=run, data=data, out=out, per_class=per_class, steps=steps, lr=lr,
-                                      batch_size=batch_size, crop=crop, flip=flip, eval=eval, device=device,
-                                      seed=seed))  # fmt: skip
+                                      batch_size=batch_size, crop=crop, flip=flip, freeze_bn=freeze_bn, eval=eval,
+                                      device=device, seed=seed))  # fmt: skip
     msg = f"{res['samples']} labelled samples, {steps} steps -> {res['out']}/student.pt"
     if "accuracy" in res:
         msg += f"; accuracy {res['accuracy_before']:.4f} -> {res['accuracy']:.4f}"

@@ -2,8 +2,9 @@
 learning rate (Menghani & Ravi 2019: a little labelled data corrects what the proxy data got wrong).
 
 The K samples per class are drawn with the seed from labelled shards and held in memory; batches are
-drawn from them with a random crop (and flip when asked); cross-entropy on the true labels, AdamW with a
-cosine schedule from `lr`. The result is a new run directory with `student.pt` and `finetune.json`.
+drawn from them with a random crop (and flip when asked); BatchNorm's running statistics stay frozen
+(on the quality benchmark: 0.577 against 0.523 with them updating); cross-entropy on the true labels,
+AdamW with a cosine schedule from `lr`. The result is a new run directory with `student.pt` and `finetune.json`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class FinetuneConfig:
     batch_size: int = 64
     crop: int = 2
     flip: bool = False
+    freeze_bn: bool = True  # BatchNorm keeps the statistics it learned on the distillation set
     eval: str | None = None
     device: str = "auto"
     seed: int = 0
@@ -84,7 +86,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     fit = FitConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=5e-4, seed=cfg.seed)
     losses = fit_arrays(model, x.to(device), y.to(device), fit,
-                        view=lambda b: augment(b.float().div(255), aug)[0].sub(mean).div(std))  # fmt: skip
+                        view=lambda b: augment(b.float().div(255), aug)[0].sub(mean).div(std),
+                        freeze_bn=cfg.freeze_bn)  # fmt: skip
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     if eval_shards is not None:

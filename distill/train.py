@@ -53,13 +53,20 @@ def to_input(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
 
 def fit_arrays(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig,
-               view: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:  # fmt: skip
+               view: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               freeze_bn: bool = False) -> list[float]:  # fmt: skip
     """Cross-entropy on (x, y) with AdamW and a cosine schedule; `view` turns a batch of x into the model's
-    input (augmentation, normalisation). Returns the loss per step."""
+    input (augmentation, normalisation); `freeze_bn` keeps BatchNorm's running statistics as they are
+    (fine-tuning on a handful of samples must not overwrite statistics learned on thousands). Returns the
+    loss per step."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     losses = []
     for _ in range(cfg.steps):
         idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen).to(x.device)
