@@ -43,11 +43,18 @@ def score(
     max_error_rate: float = typer.Option(0.01, help="Exit 1 when more than this share of samples failed."),
     odin: bool = typer.Option(False, help="Also compute ODIN (one extra forward+backward per batch)."),
     overwrite: bool = typer.Option(False, help="Discard an existing pool scored differently."),
+    retries: int = typer.Option(2, help="Tries more for a unit whose reading fails; then it is reported."),
+    engine: str = typer.Option("local", help="local (this process + DataLoader workers) or ray (kdcurate[ray])."),
+    ray_address: str = typer.Option(
+        None, help="With --engine ray: a running cluster (HOST:6379 or auto); default: a new local Ray instance."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the teacher over image sources; write logits, scores and embeddings to a pool.
 
-    A killed run resumes where it stopped: rerun the same command.
+    A killed run resumes where it stopped: rerun the same command. A unit that fails every try is
+    reported (an errors/ row, no marker) and tried again by the next run. --engine ray runs the
+    same units on a Ray cluster (one teacher actor per GPU) and writes the same pool.
 
     \b
     Example:
@@ -69,10 +76,13 @@ def score(
         max_error_rate=max_error_rate,
         odin=odin,
         overwrite=overwrite,
+        retries=retries,
+        engine=engine,
+        ray_address=ray_address,
         show_progress=progress,
     )
     res = run(cfg)
-    table = Table(title=f"pool {res.pool}")
+    table = Table(title=f"pool {res.pool} (engine {engine})")
     for col in ("source", "units", "skipped", "rows", "errors", "samples/s"):
         table.add_column(col, justify="left" if col == "source" else "right")
     for name, st in res.per_source.items():
@@ -80,6 +90,13 @@ def score(
         table.add_row(name, str(st.units), str(st.units_skipped), f"{st.rows:,}", f"{st.errors:,}", rate)
     out.print(table)
     out.print(f"{res.rows:,} rows scored in {res.seconds:.1f} s; pool error rate {res.error_rate:.2%}")
+    if res.failed_units:
+        first = res.failed_units[0]
+        print(
+            f"warning: {len(res.failed_units)} unit(s) failed {retries + 1} tries and were not scored "
+            f"(first: {first[0]}/{first[1]}: {first[2]}); see {res.pool}/errors/, rerun to try them again",
+            file=sys.stderr,
+        )
     if res.error_rate_exceeded:
         print(
             f"error: error rate {res.error_rate:.2%} exceeds --max-error-rate {max_error_rate:.2%}; "
@@ -90,16 +107,49 @@ def score(
 
 
 @app.command()
+def compact(
+    pool: str = typer.Argument(..., help="Pool directory."),
+    target_rows: int = typer.Option(1_000_000, help="Rows per compact file (about)."),
+    row_group_rows: int = typer.Option(131_072, help="Rows per Parquet row group in the compact files."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Merge the pool's small unit parts into large Parquet files per source (DuckDB scans open fewer files).
+
+    Safe to run on a pool that is still being scored (only complete units are merged) and to kill at any
+    moment: readers never see a row twice, and the next run finishes the job. Markers stay, so
+    'curate score' still skips the merged units.
+
+    \b
+    Example:
+      curate compact pool/ --target-rows 2000000
+    """
+    from curate.compact import compact as run
+
+    res = run(pool, target_rows=target_rows, row_group_rows=row_group_rows, show_progress=progress)
+    out.print(
+        f"{res.units_merged:,} units ({res.rows_merged:,} rows) merged into {len(res.written)} file(s): "
+        f"{res.parts_before:,} files -> {res.files_after:,} in {res.seconds:.1f} s"
+    )
+
+
+@app.command()
 def index(
     pool: str = typer.Argument(..., help="Pool directory."),
     kind: str = typer.Option("auto", help="auto (flat when it fits, else IVF-PQ), flat, ivf-pq or hnsw."),
     memory: str = typer.Option("4GB", help="Memory budget for the index, e.g. 512MB, 4GB."),
+    per_source: bool = typer.Option(
+        False, help="One sub-index per source, merged; a rerun re-encodes only the sources whose files changed."
+    ),
+    retrain: bool = typer.Option(False, help="With --per-source: train the quantizer again (all sources re-encoded)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Build a FAISS index over the pool's embeddings (ids = uids) and measure its recall@10."""
+    """Build a FAISS index over the pool's embeddings (ids = uids) and measure its recall@10.
+
+    IVF-PQ is trained on a sample and filled in streamed batches: memory is the index, not the embeddings.
+    """
     from curate.index import index as run
 
-    res = run(pool, kind=kind, memory=memory, show_progress=progress)
+    res = run(pool, kind=kind, memory=memory, per_source=per_source, retrain=retrain, show_progress=progress)
     out.print(
         f"{res.kind} index ({res.factory}) over {res.rows:,} vectors of dim {res.dim}: "
         f"recall@10 {res.recall_at_10:.3f}, {res.bytes / 2**20:.1f} MiB, {res.seconds:.1f} s -> {res.path}"

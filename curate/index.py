@@ -5,14 +5,22 @@ uids. `auto` picks an exact flat index while it fits the budget and the pool is 
 otherwise; HNSW on request. Embeddings stream from Parquet in batches: IVF-PQ is trained on a
 sample and filled batch by batch. Recall@10 against exact search is measured on sampled queries
 and written beside the index in embeddings.json.
+
+`per_source`: the index is trained once (index/trained.faiss, kept), each source is filled into its
+own sub-index (index/sources/NAME.faiss, rebuilt only when that source's files changed), and the
+sub-indexes are merged into embeddings.faiss (FAISS checks that they share the trained quantizer).
+Adding a source to a large pool then encodes only the new source; sub-indexes can be built apart.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -46,9 +54,9 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
-def embedding_batches(pool: Pool, rows: int = BATCH_ROWS):
-    """(uids int64, float32 L2-normalised vectors) batches over complete units."""
-    files = [str(p) for p in pool.sample_files()]
+def embedding_batches(pool: Pool, rows: int = BATCH_ROWS, files: list[Path] | None = None):
+    """(uids int64, float32 L2-normalised vectors) batches over complete units (or over `files`)."""
+    files = [str(p) for p in (pool.sample_files() if files is None else files)]
     if not files:
         raise UserError(f"pool {pool.root} has no scored units; run 'curate score' first")
     dataset = ds.dataset(files, format="parquet")
@@ -98,6 +106,8 @@ def index(
     memory: str = "4GB",
     queries: int = 500,
     seed: int = 0,
+    per_source: bool = False,
+    retrain: bool = False,
     show_progress: bool = True,
 ) -> IndexResult:
     """Build pool/index/embeddings.faiss (+ embeddings.json) from the pool's embeddings."""
@@ -110,25 +120,33 @@ def index(
         raise UserError(f"pool {pool.root} has no scored samples; run 'curate score' first")
     dim = int(meta["embedding"]["dim"])
     kind, factory = choose_kind(n, dim, parse_memory(memory), kind)
-    idx = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(idx) if factory.startswith("IVF") else None
-
+    if per_source and kind == "hnsw":
+        raise UserError("HNSW indexes cannot be merged; use --kind ivf-pq or flat with --per-source")
+    pool.index_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    if ivf is not None:  # train on a uniform sample, streamed
-        rate = min(n, max(ivf.nlist * 40, 20_000), 500_000) / n
-        idx.train(np.concatenate([v[rng.random(len(v)) < rate] for _, v in embedding_batches(pool)]))
-        ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 16))
+    idx, factory = _trained(pool, kind, factory, dim, n, rng, keep=per_source, retrain=retrain)
+    ivf = faiss.extract_index_ivf(idx) if factory.startswith("IVF") else None
     query_rate = min(1.0, queries / n)
     sample_q: list[np.ndarray] = []
+    reused = 0
     with progress.bar("indexing", total=n, enabled=show_progress) as advance:
-        for uids, vecs in embedding_batches(pool):
-            idx.add_with_ids(vecs, uids)
-            sample_q.append(vecs[rng.random(len(vecs)) < query_rate])
-            advance(len(uids))
-    qs = np.concatenate(sample_q)[:queries]
+        if per_source:
+            empty = faiss.clone_index(idx)
+            trained_sig = hashlib.sha256((pool.index_dir / "trained.faiss").read_bytes()).hexdigest()
+            for source_files in _by_source(files):
+                sub, was_reused = _sub_index(pool, empty, trained_sig, source_files, rng, query_rate, sample_q, advance)
+                reused += was_reused
+                idx.merge_from(sub, 0)
+        else:
+            for uids, vecs in embedding_batches(pool, files=files):
+                idx.add_with_ids(vecs, uids)
+                sample_q.append(vecs[rng.random(len(vecs)) < query_rate])
+                advance(len(uids))
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 16))
+    qs = np.concatenate(sample_q)[:queries] if sample_q else np.zeros((0, dim), np.float32)
     recall = measure_recall(pool, idx, qs, k=10)
 
-    pool.index_dir.mkdir(parents=True, exist_ok=True)
     path = pool.index_dir / "embeddings.faiss"
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(idx, str(tmp))
@@ -146,10 +164,72 @@ def index(
         "recall_at_10": recall,
         "recall_queries": len(qs),
         "units": len(files),
+        "per_source": per_source,
+        "sub_indexes_reused": reused if per_source else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json_atomic(pool.index_dir / "embeddings.json", info)
     return IndexResult(str(path), kind, factory, info["rows"], dim, recall, info["seconds"], info["bytes"])
+
+
+def _trained(
+    pool: Pool, kind: str, factory: str, dim: int, n: int, rng, keep: bool, retrain: bool
+) -> tuple[faiss.Index, str]:
+    """An empty index and its factory, trained (IVF: on a uniform sample, streamed). With `keep`, the
+    trained index is stored and reused while the kind is the same (its factory was chosen for the pool
+    size it was trained on; --retrain chooses again), so sub-indexes built at different times merge."""
+    path = pool.index_dir / "trained.faiss"
+    info = path.with_suffix(".json")
+    if keep and not retrain and path.exists() and info.exists():
+        stored = json.loads(info.read_text())
+        if stored.get("kind") == kind:
+            return faiss.read_index(str(path)), stored["factory"]
+    idx = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if factory.startswith("IVF"):
+        ivf = faiss.extract_index_ivf(idx)
+        rate = min(n, max(ivf.nlist * 40, 20_000), 500_000) / n
+        idx.train(np.concatenate([v[rng.random(len(v)) < rate] for _, v in embedding_batches(pool)]))
+    if keep:
+        faiss.write_index(idx, str(path.with_name(path.name + ".tmp")))
+        path.with_name(path.name + ".tmp").replace(path)
+        write_json_atomic(info, {"kind": kind, "factory": factory, "trained_on_rows": n, "at": time.time()})
+    return idx, factory
+
+
+def _by_source(files: list[Path]) -> list[list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        groups.setdefault(f.parent.name, []).append(f)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _sub_index(pool: Pool, empty: faiss.Index, trained_sig: str, files: list[Path], rng, query_rate: float,
+               sample_q: list[np.ndarray], advance) -> tuple[faiss.Index, bool]:  # fmt: skip
+    """The sub-index of one source: reused when its files and the trained index are unchanged."""
+    source = files[0].parent.name.split("=", 1)[1]
+    sub_dir = pool.index_dir / "sources"
+    sub_dir.mkdir(exist_ok=True)
+    path, info = sub_dir / f"{source}.faiss", sub_dir / f"{source}.json"
+    h = hashlib.sha256(trained_sig.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    fingerprint = h.hexdigest()
+    first = next(embedding_batches(pool, rows=4096, files=files[:1]), None)
+    if first is not None:  # recall queries come from every source, rebuilt or not
+        sample_q.append(first[1][rng.random(len(first[1])) < min(1.0, query_rate * 16)])
+    if path.exists() and info.exists() and json.loads(info.read_text()).get("fingerprint") == fingerprint:
+        sub = faiss.read_index(str(path))
+        advance(int(sub.ntotal))
+        return sub, True
+    sub = faiss.clone_index(empty)
+    for uids, vecs in embedding_batches(pool, files=files):
+        sub.add_with_ids(vecs, uids)
+        advance(len(uids))
+    faiss.write_index(sub, str(path.with_name(path.name + ".tmp")))
+    path.with_name(path.name + ".tmp").replace(path)
+    write_json_atomic(info, {"fingerprint": fingerprint, "rows": int(sub.ntotal), "files": len(files)})
+    return sub, False
 
 
 def measure_recall(pool: Pool, idx: faiss.Index, queries: np.ndarray, k: int = 10) -> float:

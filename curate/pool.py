@@ -3,11 +3,15 @@
     pool/pool.json
     pool/samples/source=NAME/unit-ID.parquet      one row per decoded sample (zstd)
     pool/samples/source=NAME/unit-ID.done.json    completion marker + stats, written last
+    pool/samples/source=NAME/compact-N.parquet    many units' rows merged by `curate compact`
+    pool/samples/source=NAME/compact-N.json       its manifest (the units it holds), written last
     pool/errors/source=NAME/unit-ID.parquet       one row per sample that failed, with its reason
     pool/index/embeddings.faiss + embeddings.json
 
 A unit is atomic: each file is written under a temporary name and renamed; the marker comes last,
-so a unit without its marker is simply redone.
+so a unit without its marker is simply redone. Markers stay when units are compacted: a unit's rows
+are in its own part, or in the compact file whose manifest names it, never both as far as readers
+see (`sample_files`).
 """
 
 from __future__ import annotations
@@ -142,19 +146,40 @@ class Pool:
             err_path.unlink(missing_ok=True)
         write_json_atomic(self.marker(source, unit), {**stats, "finished_at": time.time()})
 
+    def write_failed(self, source: str, unit: str, errors: pa.Table) -> None:
+        """A unit that could not be read: its error rows, and no marker (a rerun tries it again)."""
+        self.errors_dir(source).mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(self.error_part(source, unit), errors)
+
     def markers(self) -> list[dict[str, Any]]:
         out = []
         for p in sorted((self.root / "samples").glob("source=*/unit-*.done.json")):
             out.append({"source": p.parent.name.split("=", 1)[1], **json.loads(p.read_text())})
         return out
 
+    def compacted(self, source_dir: Path) -> dict[Path, list[str]]:
+        """Committed compact files of one source directory (manifest present) -> the units they hold."""
+        out = {}
+        for m in sorted(source_dir.glob("compact-*.json")):
+            data = json.loads(m.read_text())
+            out[m.with_suffix(".parquet")] = data["units"]
+        return out
+
     def sample_files(self) -> list[Path]:
-        """Parts whose unit is complete (marker present)."""
-        return sorted(
-            p
-            for p in (self.root / "samples").glob("source=*/unit-*.parquet")
-            if p.with_name(p.name[: -len(".parquet")] + ".done.json").exists()
-        )
+        """The files to read: committed compact files, and the parts of complete units (marker present)
+        that no compact file holds."""
+        files = []
+        for d in sorted((self.root / "samples").glob("source=*")):
+            compacted = self.compacted(d)
+            covered = {u for units in compacted.values() for u in units}
+            files += list(compacted)
+            files += [
+                p
+                for p in sorted(d.glob("unit-*.parquet"))
+                if p.name[len("unit-") : -len(".parquet")] not in covered
+                and p.with_name(p.name[: -len(".parquet")] + ".done.json").exists()
+            ]
+        return sorted(files)
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:

@@ -38,11 +38,14 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     root = pool.root.resolve()
-    if not list((root / "samples").glob("source=*/*.parquet")):
+    files = [p.resolve() for p in pool.sample_files()]
+    if not files:
         raise UserError(f"pool {pool.root} has no scored samples yet; run 'curate score' first")
-    con.execute(
-        f"CREATE VIEW samples AS SELECT * FROM read_parquet('{_q(root)}/samples/*/*.parquet', hive_partitioning=1)"
-    )
+    if len(files) == len(list((root / "samples").glob("source=*/*.parquet"))):
+        source = f"'{_q(root)}/samples/*/*.parquet'"  # every file is complete: the glob is the short form
+    else:  # units being written, or a compaction cut short: only what sample_files vouches for
+        source = "[" + ", ".join(f"'{_q(p)}'" for p in files) + "]"
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({source}, hive_partitioning=1)")
     if list((root / "errors").glob("source=*/*.parquet")):
         con.execute(
             f"CREATE VIEW errors AS SELECT * FROM read_parquet('{_q(root)}/errors/*/*.parquet', hive_partitioning=1)"

@@ -46,6 +46,9 @@ class ScoreConfig:
     odin_temperature: float = 1000.0
     odin_eps: float = 0.0014
     max_pixels: int = DEFAULT_MAX_PIXELS
+    retries: int = 2  # a unit whose reading fails is tried again this many times
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # None: start a local Ray instance
     show_progress: bool = True
 
 
@@ -65,6 +68,7 @@ class ScoreResult:
     seconds: float = 0.0
     error_rate: float = 0.0
     error_rate_exceeded: bool = False
+    failed_units: list[tuple[str, str, str]] = field(default_factory=list)  # (source, unit, reason)
 
     @property
     def rows(self) -> int:
@@ -76,13 +80,23 @@ class ScoreResult:
 
 class UnitBatches(IterableDataset):
     """Yields per unit a sequence of batches: dicts with uint8 pixels (B, C, S, S), per-sample
-    metadata, the unit's errors so far, and `last` on the unit's final batch (possibly empty)."""
+    metadata, the unit's errors so far, and `last` on the unit's final batch (possibly empty).
+
+    A unit whose reading raises is read again from its start, up to `retries` more times: a
+    `reset` batch first tells the consumer to drop what it holds of the unit. When every try
+    failed, the unit's final batch carries `failed` (the reason) instead of rows."""
 
     def __init__(
-        self, sources: dict[str, Source], units: list[Unit], spec: models.InputSpec, batch_size: int, max_pixels: int
+        self,
+        sources: dict[str, Source],
+        units: list[Unit],
+        spec: models.InputSpec,
+        batch_size: int,
+        max_pixels: int,
+        retries: int = 0,
     ) -> None:
         self.sources, self.units, self.spec = sources, units, spec
-        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.batch_size, self.max_pixels, self.retries = batch_size, max_pixels, retries
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -93,22 +107,31 @@ class UnitBatches(IterableDataset):
             yield from self._unit(i, self.units[i])
 
     def _unit(self, index: int, unit: Unit) -> Iterator[dict[str, Any]]:
+        for attempt in range(self.retries + 1):
+            try:
+                yield from self.read(index, unit)
+                return
+            except Exception as e:  # noqa: BLE001 - a broken unit is retried, then reported, never a dead run
+                reason = failure_reason(e)
+                if attempt < self.retries:
+                    yield {"unit": index, "reset": True, "keys": [], "errors": [], "last": False}
+        yield {"unit": index, "failed": reason, "keys": [], "errors": [], "last": True}
+
+    def read(self, index: int, unit: Unit) -> Iterator[dict[str, Any]]:
+        """One try at a unit: its batches, the last one marked; raises when reading fails."""
         batch: list[tuple] = []
         errors: list[tuple[str, str]] = []
-        try:
-            for item in self.sources[unit.source].read(unit):
-                if isinstance(item, ReadError):
-                    errors.append((item.key, item.reason))
-                    continue
-                try:
-                    batch.append(self._decode(item))
-                except DecodeError as e:
-                    errors.append((item.key, str(e)))
-                if len(batch) == self.batch_size:
-                    yield self._pack(index, batch, errors, last=False)
-                    batch, errors = [], []
-        except Exception as e:  # noqa: BLE001 - a broken unit becomes an error row, never a dead run
-            errors.append((f"<unit {unit.id}>", f"reading the unit failed: {type(e).__name__}: {str(e)[:200]}"))
+        for item in self.sources[unit.source].read(unit):
+            if isinstance(item, ReadError):
+                errors.append((item.key, item.reason))
+                continue
+            try:
+                batch.append(self._decode(item))
+            except DecodeError as e:
+                errors.append((item.key, str(e)))
+            if len(batch) == self.batch_size:
+                yield self._pack(index, batch, errors, last=False)
+                batch, errors = [], []
         yield self._pack(index, batch, errors, last=True)
 
     def _decode(self, s: RawSample) -> tuple:
@@ -124,13 +147,17 @@ class UnitBatches(IterableDataset):
         return {
             "unit": index,
             "last": last,
-            "pixels": torch.from_numpy(pixels),
+            "pixels": pixels,
             "keys": [b[1] for b in batch],
             "labels": [b[2] for b in batch],
             "hashes": [b[3] for b in batch],
             "sizes": [(b[4], b[5]) for b in batch],
             "errors": errors,
         }
+
+
+def failure_reason(e: BaseException) -> str:
+    return f"reading the unit failed: {type(e).__name__}: {str(e)[:200]}"
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -213,6 +240,49 @@ def parse_logits(spec: str, num_classes: int) -> str:
     raise UserError(f"--logits must be full or topk:K with 0 < K <= {num_classes}, got {spec!r}")
 
 
+class TeacherRunner:
+    """The teacher on its device with the scoring hooks: uint8 pixels in, the pool's columns out.
+    Both engines run units through it (the Ray engine in one actor per GPU)."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        try:
+            self.teacher = models.load(cfg.teacher)
+            self.scorer = ScoringModel(self.teacher.model, cfg.embed_layer, self.teacher.scripted)
+        except (models.SpecError, ValueError) as e:
+            raise UserError(str(e)) from None
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        spec = self.spec = self.teacher.input
+        self.logits_kind = parse_logits(cfg.logits, len(self.teacher.classes))
+        model = self.teacher.model.to(self.device)
+        if self.device.type == "cuda" or not self.teacher.scripted:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.mean = torch.tensor(spec.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec.std, device=self.device).view(1, -1, 1, 1)
+        self.use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        with torch.inference_mode():
+            probe = self.scorer(torch.zeros(2, spec.channels, spec.size, spec.size, device=self.device))
+        self.embed_dim = probe.embedding.shape[1]
+        self.schema = sample_schema(len(self.teacher.classes), self.embed_dim, self.logits_kind, cfg.odin)
+
+    def add(self, rows: UnitRows, chunk: dict[str, Any]) -> int:
+        """Score one batch of a unit into `rows`; returns the number of samples scored."""
+        rows.errors.extend(chunk["errors"])
+        n = len(chunk["keys"])
+        if n:
+            x = torch.as_tensor(chunk["pixels"]).to(self.device, non_blocking=True)
+            x = x.float().div_(255).sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
+            rows.add(chunk, _forward(self.scorer, self.model, x, self.logits_kind, self.cfg, self.use_bf16))
+        return n
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+ENGINES = ("local", "ray")
+
+
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every unit of every source not yet done into the pool at cfg.pool."""
     t0 = time.perf_counter()
@@ -220,33 +290,21 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise UserError("no --source given; e.g. --source photos=folder:/data/photos")
     if cfg.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if cfg.retries < 0:
+        raise UserError("--retries must be 0 or more")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"unknown --engine {cfg.engine!r}; use {' or '.join(ENGINES)}")
     sources = {}
     for spec in cfg.sources:
         src = parse_source(spec)
         if src.name in sources:
             raise UserError(f"source name {src.name!r} given twice")
         sources[src.name] = src
-    try:
-        teacher = models.load(cfg.teacher)
-        scorer = ScoringModel(teacher.model, cfg.embed_layer, teacher.scripted)
-    except (models.SpecError, ValueError) as e:
-        raise UserError(str(e)) from None
-    device = resolve_device(cfg.device)
-    spec = teacher.input
-    num_classes = len(teacher.classes)
-    logits_kind = parse_logits(cfg.logits, num_classes)
-
-    model = teacher.model.to(device)
-    if device.type == "cuda" or not teacher.scripted:
-        model = model.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        probe = scorer(torch.zeros(2, spec.channels, spec.size, spec.size, device=device))
-    embed_dim = probe.embedding.shape[1]
-    schema = sample_schema(num_classes, embed_dim, logits_kind, cfg.odin)
+    runner = TeacherRunner(cfg)
 
     pool = Pool(cfg.pool)
     units_by_source = {name: src.units() for name, src in sources.items()}
-    _prepare_pool(pool, cfg, teacher, sources, logits_kind, embed_dim, scorer.has_bn)
+    _prepare_pool(pool, cfg, runner.teacher, sources, runner.logits_kind, runner.embed_dim, runner.scorer.has_bn)
 
     todo: list[Unit] = []
     result = ScoreResult(pool=str(pool.root))
@@ -257,11 +315,43 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         st.units_skipped = sum(u.id in done for u in units)
         todo.extend(u for u in units if u.id not in done)
 
+    if cfg.engine == "ray":
+        runner.close()
+        from curate.score_ray import run_ray
+
+        run_ray(cfg, todo, runner.spec, result)
+    else:
+        _run_local(cfg, sources, todo, runner, pool, result)
+        runner.close()
+
+    total_rows = total_errors = 0
+    for m in pool.markers():
+        if m["source"] in sources:
+            total_rows += m["rows"]
+            total_errors += m["errors"]
+    sizes = {(u.source, u.id): u.size or 1 for u in todo}
+    total_errors += sum(sizes.get((src, unit), 1) for src, unit, _ in result.failed_units)
+    result.error_rate = total_errors / max(1, total_rows + total_errors)
+    result.error_rate_exceeded = result.error_rate > cfg.max_error_rate
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_local(
+    cfg: ScoreConfig,
+    sources: dict[str, Source],
+    todo: list[Unit],
+    runner: TeacherRunner,
+    pool: Pool,
+    result: ScoreResult,
+) -> None:
+    """DataLoader workers read and decode units; this process scores and writes them."""
+    device = runner.device
     workers = cfg.workers
     if workers < 0:
         all_arrays = all(sources[u.source].kind in ARRAY_KINDS for u in todo)
         workers = 0 if all_arrays and device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
-    dataset = UnitBatches(sources, todo, spec, cfg.batch_size, cfg.max_pixels)
+    dataset = UnitBatches(sources, todo, runner.spec, cfg.batch_size, cfg.max_pixels, cfg.retries)
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -270,37 +360,23 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     total = sum(u.size or 0 for u in todo) or None
-
     pending: dict[int, UnitRows] = {}
     with progress.bar("scoring", total=total, enabled=cfg.show_progress) as advance:
         for chunk in loader:
-            rows = pending.setdefault(chunk["unit"], UnitRows())
-            rows.errors.extend(chunk["errors"])
-            n = len(chunk["keys"])
-            if n:
-                x = chunk["pixels"].to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-                x = x.contiguous(memory_format=torch.channels_last)
-                columns = _forward(scorer, model, x, logits_kind, cfg, use_bf16)
-                rows.add(chunk, columns)
-            advance(n + len(chunk["errors"]))
+            i = chunk["unit"]
+            if chunk.get("reset"):  # the unit is being read again from its start
+                pending.pop(i, None)
+                continue
+            rows = pending.setdefault(i, UnitRows())
+            advance(runner.add(rows, chunk) + len(chunk["errors"]))
             if chunk["last"]:
-                unit = todo[chunk["unit"]]
-                _write_unit(pool, unit, pending.pop(chunk["unit"]), schema, teacher.fingerprint, result)
-    scorer.close()
-
-    total_rows = total_errors = 0
-    for m in pool.markers():
-        if m["source"] in sources:
-            total_rows += m["rows"]
-            total_errors += m["errors"]
-    result.error_rate = total_errors / max(1, total_rows + total_errors)
-    result.error_rate_exceeded = result.error_rate > cfg.max_error_rate
-    result.seconds = time.perf_counter() - t0
-    return result
+                rows = pending.pop(i)
+                if "failed" in chunk:
+                    fail_unit(pool, todo[i], chunk["failed"], result)
+                else:
+                    stats = write_unit(pool, todo[i], rows, runner.schema, runner.teacher.fingerprint)
+                    account(result, todo[i].source, stats)
 
 
 def _forward(
@@ -326,26 +402,36 @@ def _forward(
     return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in cols.items()}
 
 
-def _write_unit(
-    pool: Pool, unit: Unit, rows: UnitRows, schema: pa.Schema, teacher_sha: str, result: ScoreResult
-) -> None:
+def write_unit(pool: Pool, unit: Unit, rows: UnitRows, schema: pa.Schema, teacher_sha: str) -> dict[str, Any]:
+    """The unit's parts, then its marker; returns the marker's stats."""
     samples = rows.table(unit.source, unit.id, schema)
     errors = rows.error_table(unit.source, unit.id)
-    seconds = time.perf_counter() - rows.started
     stats = {
         "unit": unit.id,
         "rows": samples.num_rows,
         "errors": errors.num_rows,
-        "seconds": round(seconds, 4),
+        "seconds": round(time.perf_counter() - rows.started, 4),
         "teacher_sha256": teacher_sha,
         "first_key": samples.column("key")[0].as_py() if samples.num_rows else None,
         "last_key": samples.column("key")[-1].as_py() if samples.num_rows else None,
     }
     pool.write_unit(unit.source, unit.id, samples, errors, stats)
-    st = result.per_source[unit.source]
-    st.rows += samples.num_rows
-    st.errors += errors.num_rows
-    st.seconds += seconds
+    return stats
+
+
+def account(result: ScoreResult, source: str, stats: dict[str, Any]) -> None:
+    st = result.per_source[source]
+    st.rows += stats["rows"]
+    st.errors += stats["errors"]
+    st.seconds += stats["seconds"]
+
+
+def fail_unit(pool: Pool, unit: Unit, reason: str, result: ScoreResult) -> None:
+    """A unit that failed every try: an errors/ row with the reason and no marker, so a rerun tries it again."""
+    rows = UnitRows()
+    rows.errors.append((f"<unit {unit.id}>", reason))
+    pool.write_failed(unit.source, unit.id, rows.error_table(unit.source, unit.id))
+    result.failed_units.append((unit.source, unit.id, reason))
 
 
 def _prepare_pool(

@@ -397,8 +397,11 @@ def embed_references(meta: dict[str, Any], specs: list[str]) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for chunk in UnitBatches(sources, units, spec, 256, 64_000_000):
+            if "failed" in chunk:
+                raise UserError(f"reference images: {chunk['failed']}")
             if len(chunk["keys"]):
-                out.append(scorer(chunk["pixels"].float().div(255).sub(mean).div(std)).embedding.numpy())
+                x = torch.as_tensor(chunk["pixels"]).float().div(255).sub(mean).div(std)
+                out.append(scorer(x).embedding.numpy())
     scorer.close()
     if not out:
         raise UserError("the reference sources hold no readable image")

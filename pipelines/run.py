@@ -33,8 +33,8 @@ KEYS: dict[str, dict[str, Any]] = {  # stage -> key -> accepted TOML type(s)
     "job": {"name": STR, "work": STR},
     "teacher": {"spec": STR, "source": STR, **TRAIN},
     "score": {"sources": list, "batch_size": INT, "workers": INT, "device": STR, "logits": STR, "embed_layer": STR,
-              "max_error_rate": NUM, "odin": BOOL},
-    "index": {"kind": STR, "memory": STR},
+              "max_error_rate": NUM, "odin": BOOL, "retries": INT, "engine": STR, "ray_address": STR},
+    "index": {"kind": STR, "memory": STR, "per_source": BOOL},
     "select": {"strategy": STR, "where": STR, "score": STR, "n": INT, "per_class": INT, "threshold": NUM,
                "fraction": NUM, "temperature": NUM, "gamma": NUM, "replace": BOOL, "reference": (STR, list), "k": INT,
                "nprobe": INT, "clusters": INT, "dedup": STR, "seed": INT},
@@ -242,7 +242,7 @@ def _score(job: Job, p: dict, show: bool) -> dict:
     )
     if res.error_rate_exceeded:
         raise UserError(f"error rate {res.error_rate:.2%} exceeds max_error_rate; see {res.pool}/errors/")
-    return {"rows": res.rows, "error_rate": res.error_rate}
+    return {"rows": res.rows, "error_rate": res.error_rate, "failed_units": [list(f) for f in res.failed_units]}
 
 
 def _index(job: Job, p: dict, show: bool) -> dict:

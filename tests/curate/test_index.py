@@ -1,0 +1,52 @@
+"""Per-source sub-indexes: trained once, filled per source, merged; unchanged sources are reused."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+
+from curate.index import embedding_batches, index
+from curate.pool import Pool
+from curate.score import ScoreConfig, score
+from tests.conftest import run_cli
+
+
+def test_per_source_sub_indexes_merge_into_the_same_index_and_are_reused(teacher, tmp_path):
+    root = tmp_path / "pool"
+    base = ["noise=synthetic:noise?n=800&size=8&unit=400", "glyphs=synthetic:glyphs?n=400"]
+    score(ScoreConfig(str(teacher), base, str(root), show_progress=False))
+    res = index(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False)
+    assert res.rows == 1200
+    subs = root / "index" / "sources"
+    assert {p.name for p in subs.glob("*.faiss")} == {"noise.faiss", "glyphs.faiss"}
+
+    # the merged index answers exactly as one index filled with every vector on the same quantizer
+    merged = faiss.read_index(str(root / "index" / "embeddings.faiss"))
+    single = faiss.read_index(str(root / "index" / "trained.faiss"))
+    for uids, vecs in embedding_batches(Pool(root)):
+        single.add_with_ids(vecs, uids)
+    faiss.extract_index_ivf(single).nprobe = faiss.extract_index_ivf(merged).nprobe
+    queries = np.concatenate([v[:20] for _, v in embedding_batches(Pool(root))])
+    d_merged, i_merged = merged.search(queries, 10)
+    d_single, i_single = single.search(queries, 10)
+    assert np.allclose(d_merged, d_single, atol=1e-5)
+    assert (np.sort(i_merged, 1) == np.sort(i_single, 1)).mean() > 0.99  # ties may swap places
+
+    # a new source: only its sub-index is built, the others are read back as they were
+    stamps = {p.name: p.stat().st_mtime_ns for p in subs.glob("*.faiss")}
+    score(ScoreConfig(str(teacher), [*base, "digits=builtin:digits?start=1500"], str(root), show_progress=False))
+    res = index(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False)
+    info = json.loads((root / "index" / "embeddings.json").read_text())
+    assert res.rows == 1200 + 297 and info["sub_indexes_reused"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in subs.glob("*.faiss") if p.name in stamps} == stamps
+    found = faiss.read_index(str(root / "index" / "embeddings.faiss"))
+    assert found.ntotal == 1497 and res.recall_at_10 > 0.3  # 4-bit PQ on a tiny pool
+
+
+def test_per_source_refuses_hnsw_in_one_line(teacher, tmp_path):
+    score(ScoreConfig(str(teacher), ["g=synthetic:glyphs?n=50"], str(tmp_path / "p"), show_progress=False))
+    proc = run_cli("curate", "index", str(tmp_path / "p"), "--kind", "hnsw", "--per-source", "--no-progress")
+    assert proc.returncode == 2 and "HNSW indexes cannot be merged" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
