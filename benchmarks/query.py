@@ -93,7 +93,7 @@ def make_pool(root: Path, rows: int) -> None:
     print(f"wrote {rows:,} rows in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def op(name: str, pool: str, out: str, rows: int) -> dict:
+def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
     """One measured operation (runs in its own process)."""
     t0 = time.perf_counter()
     detail = ""
@@ -123,7 +123,7 @@ def op(name: str, pool: str, out: str, rows: int) -> dict:
     elif name.startswith("index"):
         from curate.index import index
 
-        r = index(pool, kind="ivf-pq", memory="1GB", show_progress=False)
+        r = index(pool, kind="ivf-pq", memory=memory, show_progress=False)
         detail = f"{r.factory}, recall@10 {r.recall_at_10:.3f}, {r.bytes / 2**20:.0f} MiB"
     elif name.startswith("near"):
         import faiss
@@ -158,11 +158,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--op")
+    ap.add_argument("--memory", default="1GB", help="index budget for the IVF-PQ build")
     ap.add_argument("--only", help="rerun only the operations whose name starts with this; keep the other rows")
     ap.add_argument("--pool", default=str(ROOT / "work" / "bench" / "query-pool"))
     args = ap.parse_args()
     if args.op:
-        print(json.dumps(op(args.op, args.pool, str(Path(args.pool).parent / "query-sel"), args.rows)))
+        print(json.dumps(op(args.op, args.pool, str(Path(args.pool).parent / "query-sel"), args.rows, args.memory)))
         return
     make_pool(Path(args.pool), args.rows)
     disk = sum(p.stat().st_size for p in Path(args.pool, "samples").rglob("*.parquet"))

@@ -27,6 +27,8 @@ from benchmarks._report import machine, table, write_section  # noqa: E402
 from benchmarks.query import make_pool  # noqa: E402
 
 WORK = ROOT / "work" / "bench" / "scale"
+# one budget for every size, so each build gets the same factory (IVF4096,PQ32x8) and the times compare
+INDEX_MEMORY = "4GB"
 OPS = ["group-by per source", "top-per-class", "index", "near (1k refs, filtered, nprobe 32)"]
 
 
@@ -108,7 +110,7 @@ def growth(sizes: list[int]) -> list[list]:
                 continue
             log(f"{n:,}: {op}")
             cmd = [sys.executable, str(ROOT / "benchmarks" / "query.py"), "--op", op, "--pool", str(pool),
-                   "--rows", str(n)]  # fmt: skip
+                   "--rows", str(n), "--memory", INDEX_MEMORY]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise SystemExit(f"{op} failed:\n{proc.stderr[-3000:]}")
@@ -168,6 +170,55 @@ def unit_costs() -> list[list]:
     ]  # fmt: skip
 
 
+def row_bytes(rows: int = 20_000) -> list[list]:
+    """Pool bytes per sample for teacher shapes past this machine's: zstd Parquet in the pool's own schema,
+    filled with values distributed like a teacher's (normal logits, ReLU-like embeddings with zeros); float
+    mantissas barely compress, so the size follows C, D and the --logits mode."""
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.pool import sample_schema
+
+    rng = np.random.default_rng(0)
+    out = []
+    for c, d, logits in [(10, 64, "full"), (1000, 512, "full"), (1000, 2048, "full"), (1000, 2048, "topk:10"),
+                         (1000, 512, "topk:10")]:  # fmt: skip
+        schema = sample_schema(c, d, logits, with_odin=False)
+        cols = {}
+        for f in schema:
+            t = f.type
+            if f.name == "uid":
+                cols[f.name] = pa.array(np.arange(rows, dtype=np.int64) + 2**40)
+            elif f.name in ("sample_id", "key"):
+                cols[f.name] = pa.array([f"n{i:09d}" for i in range(rows)])
+            elif f.name == "unit":
+                cols[f.name] = pa.array([f"imagenet/shard-{i // 10_000:05d}" for i in range(rows)])
+            elif f.name == "content_hash":
+                cols[f.name] = pa.array([rng.bytes(16).hex() for _ in range(rows)])
+            elif pa.types.is_fixed_size_list(t):
+                w = t.list_size
+                if f.name == "topk_idx":
+                    v = rng.integers(0, c, (rows, w)).astype(np.int32)
+                elif f.name == "embedding":
+                    v = np.maximum(rng.normal(0.2, 0.5, (rows, w)), 0).astype(np.float32)
+                else:
+                    v = (rng.normal(size=(rows, w)) * 3).astype(np.float32)
+                cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), w)
+            elif pa.types.is_floating(t):
+                cols[f.name] = pa.array(rng.normal(size=rows).astype(np.float32))
+            else:
+                cols[f.name] = pa.array(rng.integers(0, min(c, 500), rows), type=t)
+        with tempfile.TemporaryDirectory() as tmp:
+            pq.write_table(pa.table(cols, schema=schema), f"{tmp}/part.parquet", compression="zstd")
+            size = Path(f"{tmp}/part.parquet").stat().st_size
+        per = size / rows
+        out.append([str(c), str(d), logits, f"{per:,.0f}", f"{per * 1e8 / 1e12:,.2f}", f"{per * 1e9 / 1e12:,.1f}"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000000,50000000")
@@ -182,6 +233,12 @@ def main() -> None:
             f"`python benchmarks/scale.py --costs` on {machine()}. The basis of the estimates in docs/scaling.md.",
             "",
             table(["work", "images/s", "detail"], unit_costs()),
+            "",
+            "Pool bytes per sample for larger teachers: zstd Parquet in the pool's schema (`curate.pool."
+            "sample_schema`), 20,000 rows of teacher-like values; float columns barely compress, so size follows "
+            "C (classes), D (embedding) and `--logits`.",
+            "",
+            table(["C", "D", "--logits", "bytes/sample", "TB per 100M", "TB per 1B"], row_bytes()),
         ])  # fmt: skip
         write_section("scale-costs", body)
         return
@@ -204,7 +261,8 @@ def main() -> None:
             "",
             "Growth: synthetic pools in the real format (benchmarks/query.py's generator: 4 sources, C=10, D=64, "
             "units of 250k rows), each operation in its own process with its peak RSS. The IVF-PQ build trains on "
-            "a sample and streams the vectors in; the recall it reports is measured against exact search.",
+            f"a sample and streams the vectors in, under one `--memory` budget ({INDEX_MEMORY}) at every size so the "
+            "factory is the same; the recall it reports is measured against exact search.",
             "",
             table(["rows", "Parquet GiB", "operation", "seconds", "peak RSS MiB", "detail", "growth"], grow),
         ]

@@ -141,6 +141,11 @@ def index(
         False, help="One sub-index per source, merged; a rerun re-encodes only the sources whose files changed."
     ),
     retrain: bool = typer.Option(False, help="With --per-source: train the quantizer again (all sources re-encoded)."),
+    sources: str = typer.Option(
+        None,
+        help="With --per-source: build only these sources' sub-indexes (comma-separated) and skip the merge, so "
+        "several machines on shared storage can split the sources; a last run without --sources merges them.",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Build a FAISS index over the pool's embeddings (ids = uids) and measure its recall@10.
@@ -149,7 +154,16 @@ def index(
     """
     from curate.index import index as run
 
-    res = run(pool, kind=kind, memory=memory, per_source=per_source, retrain=retrain, show_progress=progress)
+    names = [s.strip() for s in sources.split(",") if s.strip()] if sources is not None else None
+    res = run(pool, kind=kind, memory=memory, per_source=per_source, retrain=retrain, sources=names,
+              show_progress=progress)  # fmt: skip
+    if res.recall_at_10 is None:
+        out.print(
+            f"sub-indexes ({res.factory}) of {', '.join(names or [])}: {res.rows:,} vectors, "
+            f"{res.bytes / 2**20:.1f} MiB, {res.seconds:.1f} s -> {res.path}; "
+            f"merge them with 'curate index {pool} --per-source'"
+        )
+        return
     out.print(
         f"{res.kind} index ({res.factory}) over {res.rows:,} vectors of dim {res.dim}: "
         f"recall@10 {res.recall_at_10:.3f}, {res.bytes / 2**20:.1f} MiB, {res.seconds:.1f} s -> {res.path}"

@@ -42,7 +42,7 @@ class IndexResult:
     factory: str
     rows: int
     dim: int
-    recall_at_10: float
+    recall_at_10: float | None  # None when only sub-indexes were built (--sources)
     seconds: float
     bytes: int
 
@@ -108,9 +108,13 @@ def index(
     seed: int = 0,
     per_source: bool = False,
     retrain: bool = False,
+    sources: list[str] | None = None,
     show_progress: bool = True,
 ) -> IndexResult:
-    """Build pool/index/embeddings.faiss (+ embeddings.json) from the pool's embeddings."""
+    """Build pool/index/embeddings.faiss (+ embeddings.json) from the pool's embeddings.
+
+    With `sources` (per-source only), build just those sources' sub-indexes and stop before the merge, so
+    machines sharing the pool's storage can each take some sources; a final run without it merges them."""
     t0 = time.perf_counter()
     pool = Pool(pool_dir)
     meta = pool.meta()
@@ -122,26 +126,43 @@ def index(
     kind, factory = choose_kind(n, dim, parse_memory(memory), kind)
     if per_source and kind == "hnsw":
         raise UserError("HNSW indexes cannot be merged; use --kind ivf-pq or flat with --per-source")
+    groups = _by_source(files)
+    if sources is not None:
+        if not per_source:
+            raise UserError("--sources builds sub-indexes: add --per-source")
+        have = {g[0].parent.name.split("=", 1)[1] for g in groups}
+        unknown = sorted(set(sources) - have)
+        if unknown:
+            have_s = ", ".join(sorted(have))
+            raise UserError(f"no scored samples for source(s) {', '.join(unknown)}; the pool has {have_s}")
+        groups = [g for g in groups if g[0].parent.name.split("=", 1)[1] in sources]
     pool.index_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     idx, factory = _trained(pool, kind, factory, dim, n, rng, keep=per_source, retrain=retrain)
     ivf = faiss.extract_index_ivf(idx) if factory.startswith("IVF") else None
     query_rate = min(1.0, queries / n)
     sample_q: list[np.ndarray] = []
-    reused = 0
-    with progress.bar("indexing", total=n, enabled=show_progress) as advance:
+    reused = built = 0
+    total = n if sources is None else ds.dataset([str(f) for g in groups for f in g], format="parquet").count_rows()
+    with progress.bar("indexing", total=total, enabled=show_progress) as advance:
         if per_source:
             empty = faiss.clone_index(idx)
             trained_sig = hashlib.sha256((pool.index_dir / "trained.faiss").read_bytes()).hexdigest()
-            for source_files in _by_source(files):
+            for source_files in groups:
                 sub, was_reused = _sub_index(pool, empty, trained_sig, source_files, rng, query_rate, sample_q, advance)
                 reused += was_reused
-                idx.merge_from(sub, 0)
+                built += int(sub.ntotal)
+                if sources is None:
+                    idx.merge_from(sub, 0)
         else:
             for uids, vecs in embedding_batches(pool, files=files):
                 idx.add_with_ids(vecs, uids)
                 sample_q.append(vecs[rng.random(len(vecs)) < query_rate])
                 advance(len(uids))
+    if sources is not None:  # sub-indexes only: the merge and its recall belong to the run without --sources
+        sub_dir = pool.index_dir / "sources"
+        size = sum((sub_dir / f"{g[0].parent.name.split('=', 1)[1]}.faiss").stat().st_size for g in groups)
+        return IndexResult(str(sub_dir), kind, factory, built, dim, None, round(time.perf_counter() - t0, 3), size)
     if ivf is not None:
         ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 16))
     qs = np.concatenate(sample_q)[:queries] if sample_q else np.zeros((0, dim), np.float32)

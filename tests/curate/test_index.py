@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -10,7 +13,7 @@ import numpy as np
 from curate.index import embedding_batches, index
 from curate.pool import Pool
 from curate.score import ScoreConfig, score
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def test_per_source_sub_indexes_merge_into_the_same_index_and_are_reused(teacher, tmp_path):
@@ -50,3 +53,47 @@ def test_per_source_refuses_hnsw_in_one_line(teacher, tmp_path):
     proc = run_cli("curate", "index", str(tmp_path / "p"), "--kind", "hnsw", "--per-source", "--no-progress")
     assert proc.returncode == 2 and "HNSW indexes cannot be merged" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sources_split_across_processes_then_one_merge(teacher, tmp_path):
+    root = tmp_path / "pool"
+    srcs = ["noise=synthetic:noise?n=600&size=8", "glyphs=synthetic:glyphs?n=400", "digits=builtin:digits?start=1500"]
+    score(ScoreConfig(str(teacher), srcs, str(root), show_progress=False))
+    args = ["curate", "index", str(root), "--kind", "ivf-pq", "--memory", "64MB", "--per-source", "--no-progress"]
+    first = run_cli(*args, "--sources", "noise")  # trains the shared quantizer
+    assert first.returncode == 0, first.stderr
+    assert "sub-indexes" in first.stdout and "600 vectors" in first.stdout
+    # two more "machines" on the same storage, at the same time, each with its own sources
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "curate", *args[1:], "--sources", s],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for s in ("glyphs", "digits")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    subs = root / "index" / "sources"
+    assert {p.name for p in subs.glob("*.faiss")} == {"noise.faiss", "glyphs.faiss", "digits.faiss"}
+    assert not (root / "index" / "embeddings.faiss").exists()  # nothing merged yet
+
+    res = index(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False)
+    info = json.loads((root / "index" / "embeddings.json").read_text())
+    assert info["sub_indexes_reused"] == 3 and res.rows == 600 + 400 + 297
+    merged = faiss.read_index(str(root / "index" / "embeddings.faiss"))
+    uids = np.concatenate([u for u, _ in embedding_batches(Pool(root))])
+    lists = faiss.extract_index_ivf(merged).invlists
+    ids = np.concatenate(
+        [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(lists.nlist)]
+    )  # fmt: skip
+    assert np.array_equal(np.sort(ids), np.sort(uids)) and len(ids) == 1297  # every vector once
+
+    proc = run_cli(*args, "--sources", "nope")
+    assert proc.returncode == 2 and "no scored samples for source(s) nope" in proc.stderr
+    proc = run_cli(*[a for a in args if a != "--per-source"], "--sources", "noise")
+    assert proc.returncode == 2 and "add --per-source" in proc.stderr and "Traceback" not in proc.stderr

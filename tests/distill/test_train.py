@@ -128,6 +128,53 @@ def test_shards_split_by_rank_cover_every_sample_once(shards):
     assert len(keys) == s.count == 997
 
 
+RANK_PROBE = """
+import json, sys, tarfile
+import torch.distributed as dist
+from distill.data import epoch_urls, open_shards, rank_shards
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+shards = open_shards(sys.argv[1])
+per_epoch = len(rank_shards(shards.urls, rank, world, 0, 5, True))
+stream = epoch_urls(shards.urls, rank, world, seed=5, epochs=None)  # the endless stream training reads
+seen = []
+for epoch in range(3):
+    keys = []
+    for _ in range(per_epoch):
+        with tarfile.open(next(stream)["url"]) as tar:
+            keys += sorted({m.name.split(".")[0] for m in tar.getmembers()})
+    seen.append(keys)
+gathered = [None] * world
+dist.all_gather_object(gathered, seen)
+if rank == 0:
+    open(sys.argv[2], "w").write(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+def test_two_torchrun_ranks_see_every_sample_once_per_epoch(shards, tmp_path):
+    train_dir, _ = shards
+    probe, out = tmp_path / "probe.py", tmp_path / "seen.json"
+    probe.write_text(RANK_PROBE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+         str(probe), str(train_dir), str(out)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == 2
+    orders = []
+    for epoch in range(3):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert a and b and not set(a) & set(b)  # no sample on both ranks
+        assert len(a) + len(b) == len(set(a) | set(b)) == 997  # every sample, once
+        orders.append(a)
+    assert orders[0] != orders[1] or orders[1] != orders[2]  # shard order reshuffled between epochs
+
+
 def test_ddp_with_two_processes_under_torchrun(shards, tmp_path):
     train_dir, eval_dir = shards
     out = tmp_path / "ddp"
