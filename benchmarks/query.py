@@ -32,7 +32,7 @@ C, D, UNIT = 10, 64, 250_000
 SOURCES = {"related": 0.1, "photos": 0.3, "synthetic": 0.3, "noise": 0.3}
 
 
-def make_pool(root: Path, rows: int) -> None:
+def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
     """Scores shaped like a real pool's: a related source with confident, class-spread predictions and
     clustered embeddings, three unrelated ones with flatter logits; uids from sample ids as in scoring."""
     from curate.pool import SCHEMA_VERSION, Pool, sample_schema
@@ -40,7 +40,7 @@ def make_pool(root: Path, rows: int) -> None:
     from curate.sources import uid_of
 
     pool = Pool(root)
-    if pool.exists() and json.loads(pool.meta_path.read_text()).get("bench_rows") == rows:
+    if pool.exists() and json.loads(pool.meta_path.read_text()).get("bench_rows") == rows and unit == UNIT:
         return
     pool.wipe()
     schema = sample_schema(C, D, "full", False)
@@ -49,8 +49,8 @@ def make_pool(root: Path, rows: int) -> None:
     t0 = time.perf_counter()
     for name, share in SOURCES.items():
         n = int(rows * share)
-        for u, start in enumerate(range(0, n, UNIT)):
-            m = min(UNIT, n - start)
+        for u, start in enumerate(range(0, n, unit)):
+            m = min(unit, n - start)
             related = name == "related"
             logits = rng.normal(scale=1.0, size=(m, C)).astype(np.float32)
             cls = rng.integers(0, C, m)

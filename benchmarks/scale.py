@@ -6,8 +6,10 @@
 2. Growth: synthetic pools in the real format (benchmarks/query.py's generator) of 10M and 50M rows;
    group-by, top-per-class, the IVF-PQ build and a filtered nearest-neighbour selection, each in its own
    process, with its peak RSS; the ratio between the sizes is the measured growth.
+3. `--costs`: per-image costs (JPEG decode, a ResNet-50 forward) and pool bytes per sample.
+4. `--compact`: DuckDB over a pool of many small unit parts, before and after `curate compact`.
 
-    python benchmarks/scale.py [--sizes 10000000,50000000] [--engine-rows 60000]
+    python benchmarks/scale.py [--sizes 10000000,50000000] [--engine-rows 60000] [--costs | --compact]
 """
 
 from __future__ import annotations
@@ -219,13 +221,68 @@ def row_bytes(rows: int = 20_000) -> list[list]:
     return out
 
 
+def compaction(rows: int, unit: int) -> list[list]:
+    """The same DuckDB queries over a pool of many small unit parts, before and after `curate compact`,
+    each in a fresh process (the connection opens the files it lists)."""
+    pool = ROOT / "work" / "bench" / "compact-pool"
+    log(f"pool of {rows:,} rows in units of {unit}")
+    make_pool(pool, rows, unit=unit)
+    queries = {
+        "count(*)": "SELECT count(*) FROM samples",
+        "group-by per source": "SELECT source, count(*), avg(energy) FROM samples GROUP BY source",
+        "top-10 per class": "SELECT count(*) FROM (SELECT uid FROM samples "
+        "QUALIFY row_number() OVER (PARTITION BY pred ORDER BY energy DESC) <= 10)",
+    }
+    code = (
+        "import sys, time, json; t0 = time.perf_counter(); from curate.query import connect; "
+        "con = connect(sys.argv[1]); con.execute('SET enable_progress_bar = false'); t1 = time.perf_counter(); "
+        "con.execute(sys.argv[2]).fetchall(); print('timing', json.dumps([t1 - t0, time.perf_counter() - t1]))"
+    )
+
+    def timed(sql: str) -> float:
+        out = subprocess.run([sys.executable, "-c", code, str(pool), sql], capture_output=True, text=True,
+                             cwd=ROOT, check=True)  # fmt: skip
+        line = next(x for x in reversed(out.stdout.splitlines()) if x.startswith("timing "))
+        return sum(json.loads(line.removeprefix("timing ")))
+
+    from curate.compact import compact
+    from curate.pool import Pool
+
+    before = {name: timed(q) for name, q in queries.items()}
+    files_before = len(Pool(pool).sample_files())
+    log(f"{files_before:,} files; compacting")
+    res = compact(str(pool), show_progress=False)
+    after = {name: timed(q) for name, q in queries.items()}
+    rows_out = [["curate compact", f"{files_before:,} -> {res.files_after:,} files", f"{res.seconds:.1f}", "", ""]]
+    for name in queries:
+        rows_out.append([name, "", f"{before[name]:.2f}", f"{after[name]:.2f}", f"{before[name] / after[name]:.1f}x"])
+    return rows_out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000000,50000000")
     ap.add_argument("--engine-rows", type=int, default=60_000)
     ap.add_argument("--skip-growth", action="store_true")
     ap.add_argument("--costs", action="store_true", help="only the per-image cost table (section scale-costs)")
+    ap.add_argument("--compact", action="store_true", help="only the many-small-units table (section scale-compact)")
+    ap.add_argument("--compact-rows", type=int, default=2_000_000)
+    ap.add_argument("--compact-unit", type=int, default=40)
     args = ap.parse_args()
+    if args.compact:
+        units = args.compact_rows // args.compact_unit
+        measured = compaction(args.compact_rows, args.compact_unit)
+        body = "\n".join([
+            "## Scale: DuckDB over many small units, before and after `curate compact`",
+            "",
+            f"`python benchmarks/scale.py --compact` on {machine()}: a pool of {args.compact_rows:,} rows in "
+            f"~{units:,} units of {args.compact_unit} rows (benchmarks/query.py's generator), each query in a fresh "
+            "process through `curate.query.connect` (seconds include opening the pool).",
+            "",
+            table(["step", "files", "before s", "after s", "speed-up"], measured),
+        ])  # fmt: skip
+        write_section("scale-compact", body)
+        return
     if args.costs:
         body = "\n".join([
             "## Scale: per-image costs at ImageNet size",
