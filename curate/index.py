@@ -130,12 +130,11 @@ def index(
     if sources is not None:
         if not per_source:
             raise UserError("--sources builds sub-indexes: add --per-source")
-        have = {g[0].parent.name.split("=", 1)[1] for g in groups}
-        unknown = sorted(set(sources) - have)
+        unknown = sorted(set(sources) - set(groups))
         if unknown:
-            have_s = ", ".join(sorted(have))
-            raise UserError(f"no scored samples for source(s) {', '.join(unknown)}; the pool has {have_s}")
-        groups = [g for g in groups if g[0].parent.name.split("=", 1)[1] in sources]
+            have = ", ".join(groups)
+            raise UserError(f"no scored samples for source(s) {', '.join(unknown)}; the pool has {have}")
+        groups = {name: g for name, g in groups.items() if name in sources}
     pool.index_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     idx, factory = _trained(pool, kind, factory, dim, n, rng, keep=per_source, retrain=retrain)
@@ -143,13 +142,16 @@ def index(
     query_rate = min(1.0, queries / n)
     sample_q: list[np.ndarray] = []
     reused = built = 0
-    total = n if sources is None else ds.dataset([str(f) for g in groups for f in g], format="parquet").count_rows()
+    chosen = [str(f) for g in groups.values() for f in g]
+    total = n if sources is None else ds.dataset(chosen, format="parquet").count_rows()
     with progress.bar("indexing", total=total, enabled=show_progress) as advance:
         if per_source:
             empty = faiss.clone_index(idx)
             trained_sig = hashlib.sha256((pool.index_dir / "trained.faiss").read_bytes()).hexdigest()
-            for source_files in groups:
-                sub, was_reused = _sub_index(pool, empty, trained_sig, source_files, rng, query_rate, sample_q, advance)
+            queries_to = sample_q if sources is None else None  # no merge, no recall to measure
+            for name, source_files in groups.items():
+                sub, was_reused = _sub_index(pool, name, empty, trained_sig, source_files, rng, query_rate,
+                                             queries_to, advance)  # fmt: skip
                 reused += was_reused
                 built += int(sub.ntotal)
                 if sources is None:
@@ -160,9 +162,9 @@ def index(
                 sample_q.append(vecs[rng.random(len(vecs)) < query_rate])
                 advance(len(uids))
     if sources is not None:  # sub-indexes only: the merge and its recall belong to the run without --sources
-        sub_dir = pool.index_dir / "sources"
-        size = sum((sub_dir / f"{g[0].parent.name.split('=', 1)[1]}.faiss").stat().st_size for g in groups)
-        return IndexResult(str(sub_dir), kind, factory, built, dim, None, round(time.perf_counter() - t0, 3), size)
+        size = sum(_sub_path(pool, name).stat().st_size for name in groups)
+        seconds = round(time.perf_counter() - t0, 3)
+        return IndexResult(str(pool.index_dir / "sources"), kind, factory, built, dim, None, seconds, size)
     if ivf is not None:
         ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 16))
     qs = np.concatenate(sample_q)[:queries] if sample_q else np.zeros((0, dim), np.float32)
@@ -217,27 +219,32 @@ def _trained(
     return idx, factory
 
 
-def _by_source(files: list[Path]) -> list[list[Path]]:
+def _by_source(files: list[Path]) -> dict[str, list[Path]]:
+    """The pool's sample files by source name (from their source=NAME directory), sorted by name."""
     groups: dict[str, list[Path]] = {}
     for f in files:
-        groups.setdefault(f.parent.name, []).append(f)
-    return [groups[k] for k in sorted(groups)]
+        groups.setdefault(f.parent.name.split("=", 1)[1], []).append(f)
+    return dict(sorted(groups.items()))
 
 
-def _sub_index(pool: Pool, empty: faiss.Index, trained_sig: str, files: list[Path], rng, query_rate: float,
-               sample_q: list[np.ndarray], advance) -> tuple[faiss.Index, bool]:  # fmt: skip
-    """The sub-index of one source: reused when its files and the trained index are unchanged."""
-    source = files[0].parent.name.split("=", 1)[1]
-    sub_dir = pool.index_dir / "sources"
-    sub_dir.mkdir(exist_ok=True)
-    path, info = sub_dir / f"{source}.faiss", sub_dir / f"{source}.json"
+def _sub_path(pool: Pool, source: str) -> Path:
+    return pool.index_dir / "sources" / f"{source}.faiss"
+
+
+def _sub_index(pool: Pool, source: str, empty: faiss.Index, trained_sig: str, files: list[Path], rng,
+               query_rate: float, sample_q: list[np.ndarray] | None, advance) -> tuple[faiss.Index, bool]:  # fmt: skip
+    """The sub-index of one source: reused when its files and the trained index are unchanged.
+    Recall queries go to `sample_q` (when given) from every source, rebuilt or not."""
+    path = _sub_path(pool, source)
+    path.parent.mkdir(exist_ok=True)
+    info = path.with_suffix(".json")
     h = hashlib.sha256(trained_sig.encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     fingerprint = h.hexdigest()
-    first = next(embedding_batches(pool, rows=4096, files=files[:1]), None)
-    if first is not None:  # recall queries come from every source, rebuilt or not
+    first = next(embedding_batches(pool, rows=4096, files=files[:1]), None) if sample_q is not None else None
+    if first is not None:
         sample_q.append(first[1][rng.random(len(first[1])) < min(1.0, query_rate * 16)])
     if path.exists() and info.exists() and json.loads(info.read_text()).get("fingerprint") == fingerprint:
         sub = faiss.read_index(str(path))

@@ -78,15 +78,23 @@ def plain_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_digits_teacher(tmp_path_factory.mktemp("plain") / "plain.pt", outlier_exposure=False)
 
 
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+
+
 def run_cli(*args: str, timeout: int = 300, check: bool = False) -> subprocess.CompletedProcess:
     """Run a console entry (e.g. 'curate', 'score', ...) as a real subprocess."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=CLI_ENV, cwd=ROOT
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """Start a console entry as `run_cli` does, without waiting (stdout and stderr piped, text)."""
+    return subprocess.Popen([sys.executable, "-m", *args], env=CLI_ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import faiss
 import numpy as np
@@ -13,7 +10,7 @@ import numpy as np
 from curate.index import embedding_batches, index
 from curate.pool import Pool
 from curate.score import ScoreConfig, score
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, start_cli
 
 
 def test_per_source_sub_indexes_merge_into_the_same_index_and_are_reused(teacher, tmp_path):
@@ -64,17 +61,7 @@ def test_sources_split_across_processes_then_one_merge(teacher, tmp_path):
     assert first.returncode == 0, first.stderr
     assert "sub-indexes" in first.stdout and "600 vectors" in first.stdout
     # two more "machines" on the same storage, at the same time, each with its own sources
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "curate", *args[1:], "--sources", s],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for s in ("glyphs", "digits")
-    ]
+    procs = [start_cli(*args, "--sources", s) for s in ("glyphs", "digits")]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
