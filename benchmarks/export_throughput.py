@@ -27,9 +27,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from curate.generated import FASHION_DIR  # noqa: E402
+
 from benchmarks._report import machine, table, write_section  # noqa: E402
 from curate.export import ExportConfig, export  # noqa: E402
-from curate.generated import FASHION_DIR  # noqa: E402
 from curate.query import connect  # noqa: E402
 from curate.score import ScoreConfig, score  # noqa: E402
 from curate.select import SelectConfig, select  # noqa: E402

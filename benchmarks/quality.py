@@ -34,9 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from curate.generated import FASHION_DIR  # noqa: E402
+
 from benchmarks._report import machine, table, write_section  # noqa: E402
 from curate.export import ExportConfig, export  # noqa: E402
-from curate.generated import FASHION_DIR  # noqa: E402
 from curate.index import index  # noqa: E402
 from curate.report import report  # noqa: E402
 from curate.score import ScoreConfig, score  # noqa: E402

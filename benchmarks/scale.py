@@ -41,8 +41,8 @@ def log(msg: str) -> None:
 def engines(rows: int) -> tuple[list[list], str]:
     import numpy as np
     import pyarrow.dataset as ds
-
     from curate.generated import FASHION_DIR
+
     from distill import models
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -137,10 +137,10 @@ def unit_costs() -> list[list]:
     import numpy as np
     import torch
     import torchvision
+    from curate.decode import pixels_from_bytes
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from curate.decode import pixels_from_bytes
     from distill.models import InputSpec
 
     blobs = []

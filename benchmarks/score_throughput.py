@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
 from curate.decode import pixels_from_bytes  # noqa: E402
 from curate.generated import dead_leaves, glyphs  # noqa: E402
+
+from benchmarks._report import machine, table, write_section  # noqa: E402
 from curate.score import ScoreConfig, score  # noqa: E402
 from distill import models  # noqa: E402
 

@@ -4,29 +4,26 @@ A pool scored from hundreds of thousands of units holds as many small files; eve
 opens each one. Compaction streams complete units' parts, in unit order, into compact-N.parquet files
 of about `target_rows` rows (row groups of `row_group_rows`), and commits each with its manifest:
 
-    1. compact-N.parquet.tmp, renamed to compact-N.parquet   (not read yet: no manifest)
-    2. compact-N.json (units, rows), written atomically       (the commit: readers switch to it)
-    3. the units' parts deleted                               (already hidden by the manifest)
+    1. samples/source=S/compact-N.parquet written whole     (not read yet: no manifest)
+    2. units/source=S/compact-N.json (units, rows)           (the commit: readers switch to it)
+    3. the units' parts deleted                              (already hidden by the manifest)
 
-Markers stay, so `curate score` still skips the units. A compaction killed anywhere leaves a state
-readers handle (Pool.sample_files); the next run removes what the killed one left and goes on.
+Completion records stay, so `curate score` still skips the units. A compaction killed anywhere leaves a
+state readers handle (Pool.sample_files); the next run removes what the killed one left and goes on.
+It runs beside `curate score` (only complete units are merged); two compactions of one pool do not.
 Error parts are left as they are (one per unit that had errors, usually few).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from curate import progress
-from curate.errors import UserError
-from curate.pool import TMP_SUFFIX, Pool, write_json_atomic
+from curate.config import CompactConfig
+from curate.pool import Pool
+from kdcore import progress, storage
 
 
 @dataclass
@@ -40,46 +37,48 @@ class CompactResult:
     seconds: float = 0.0
 
 
-def compact(
-    pool_dir: str, target_rows: int = 1_000_000, row_group_rows: int = 131_072, show_progress: bool = True
-) -> CompactResult:
-    if target_rows < 1 or row_group_rows < 1:
-        raise UserError("--target-rows and --row-group-rows must be at least 1")
+def compact(cfg: CompactConfig) -> CompactResult:
     t0 = time.perf_counter()
-    pool = Pool(pool_dir)
+    pool = Pool(cfg.pool)
     pool.meta()  # a clear error when this is not a pool
-    result = CompactResult(pool=str(pool.root))
-    result.parts_before = len(pool.sample_files())
-    dirs = sorted((pool.root / "samples").glob("source=*"))
-    plans = [(d, _tidy_and_plan(pool, d, target_rows)) for d in dirs]
-    total = sum(rows for _, groups in plans for g in groups for _, rows in g) or None
-    with progress.bar("compacting", total=total, enabled=show_progress) as advance:
-        for d, groups in plans:
-            for group in groups:
-                path = _write_group(pool, d, group, row_group_rows, advance)
-                result.written.append(str(path))
-                result.units_merged += len(group)
-                result.rows_merged += sum(rows for _, rows in group)
-    result.files_after = len(pool.sample_files())
+    result = CompactResult(pool=storage.redact(pool.root))
+    with pool.lock("compact"):
+        pool.clean_partial("compact")
+        result.parts_before = len(pool.sample_files())
+        plans = [(s, _tidy_and_plan(pool, s, cfg.target_rows)) for s in pool.sources_on_disk()]
+        total = sum(rows for _, groups in plans for g in groups for _, rows in g) or None
+        with progress.bar("compacting", total=total, enabled=cfg.show_progress) as advance:
+            for source, groups in plans:
+                for group in groups:
+                    url = _write_group(pool, source, group, cfg.row_group_rows, advance)
+                    result.written.append(storage.redact(url))
+                    result.units_merged += len(group)
+                    result.rows_merged += sum(rows for _, rows in group)
+        result.files_after = len(pool.sample_files())
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _tidy_and_plan(pool: Pool, d: Path, target_rows: int) -> list[list[tuple[str, int]]]:
+def _tidy_and_plan(pool: Pool, source: str, target_rows: int) -> list[list[tuple[str, int]]]:
     """Remove what a killed compaction left (compact files without manifest, parts a manifest already
-    holds), then group the remaining complete parts into runs of about target_rows rows."""
-    for p in d.glob("compact-*.parquet*"):
-        if p.name.endswith(TMP_SUFFIX) or not p.with_suffix(".json").exists():
-            p.unlink()
-    covered = {u for units in pool.compacted(d).values() for u in units}
+    holds, replaced compact files), then group the remaining complete parts into runs of about target_rows."""
+    committed = pool.compacted(source)
+    manifests = {storage.name(u) for u in storage.glob(pool.url("units", f"source={source}", "compact-*.json"))}
+    for url in storage.glob(storage.join(pool.samples_dir(source), "compact-*.parquet")):
+        if url not in committed:
+            stem = storage.name(url).removesuffix(".parquet")
+            storage.remove(url)
+            if f"{stem}.json" in manifests:  # replaced by a newer manifest: the old one goes too
+                storage.remove(pool.url("units", f"source={source}", f"{stem}.json"))
+    covered = {u for m in committed.values() for u in m["units"]}
     todo: list[tuple[str, int]] = []
-    for marker in sorted(d.glob("unit-*.done.json")):
-        unit = marker.name[len("unit-") : -len(".done.json")]
-        part = d / f"unit-{unit}.parquet"
+    for record in sorted(pool.records(source), key=lambda r: r["unit"]):
+        unit = record["unit"]
+        part = pool.part(source, unit)
         if unit in covered:
-            part.unlink(missing_ok=True)
-        elif part.exists():
-            todo.append((unit, json.loads(marker.read_text())["rows"]))
+            storage.remove(part)
+        elif storage.exists(part):
+            todo.append((unit, record["rows"]))
     groups: list[list[tuple[str, int]]] = [[]]
     for unit, rows in todo:
         if groups[-1] and sum(r for _, r in groups[-1]) + rows > target_rows:
@@ -88,35 +87,83 @@ def _tidy_and_plan(pool: Pool, d: Path, target_rows: int) -> list[list[tuple[str
     return [g for g in groups if len(g) > 1]  # a lone part is as good as a compact file of one
 
 
-def _write_group(pool: Pool, d: Path, group: list[tuple[str, int]], row_group_rows: int, advance) -> Path:
-    numbers = [int(m.group(1)) for p in d.glob("compact-*.json") if (m := re.match(r"compact-(\d+)", p.name))]
-    path = d / f"compact-{max(numbers, default=0) + 1:06d}.parquet"
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    parts = [d / f"unit-{unit}.parquet" for unit, _ in group]
-    writer: pq.ParquetWriter | None = None
-    buffer: list[pa.Table] = []
-    buffered = rows = 0
-    try:
-        for part, (_, n) in zip(parts, group, strict=True):
-            table = pq.read_table(part)
-            writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            buffer.append(table)
-            buffered += table.num_rows
-            if buffered >= row_group_rows:  # write whole row groups, carry the rest
-                merged = pa.concat_tables(buffer)
-                full = buffered - buffered % row_group_rows
-                writer.write_table(merged.slice(0, full), row_group_size=row_group_rows)
-                buffer, buffered = [merged.slice(full)], buffered - full
-            rows += table.num_rows
-            advance(n)
-        if buffered:
-            writer.write_table(pa.concat_tables(buffer), row_group_size=row_group_rows)
-    finally:
-        if writer is not None:
-            writer.close()
-    tmp.replace(path)
-    manifest = {"units": [u for u, _ in group], "rows": rows, "bytes": path.stat().st_size, "written_at": time.time()}
-    write_json_atomic(path.with_suffix(".json"), manifest)
+def _next_name(pool: Pool, source: str) -> str:
+    names = storage.glob(pool.url("units", f"source={source}", "compact-*.json"))
+    names += storage.glob(storage.join(pool.samples_dir(source), "compact-*.parquet"))
+    numbers = [int(m.group(1)) for u in names if (m := re.match(r"compact-(\d+)", storage.name(u)))]
+    return f"compact-{max(numbers, default=0) + 1:06d}"
+
+
+def _write_parts(pool: Pool, url: str, parts: list[str], row_group_rows: int, advance=None,
+                 keep: Any = None) -> int:  # fmt: skip
+    """Stream `parts` (or one compact file filtered by `keep`) into one Parquet file of whole row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with storage.open_write(url, tag="compact") as f:
+        writer: pq.ParquetWriter | None = None
+        buffer: list[pa.Table] = []
+        buffered = 0
+        try:
+            for part in parts:
+                fs, path = storage.arrow_filesystem(part)
+                table = pq.read_table(path, filesystem=fs)
+                if keep is not None:
+                    table = table.filter(keep(table))
+                writer = writer or pq.ParquetWriter(f, table.schema, compression="zstd")
+                buffer.append(table)
+                buffered += table.num_rows
+                if buffered >= row_group_rows:  # write whole row groups, carry the rest
+                    merged = pa.concat_tables(buffer)
+                    full = buffered - buffered % row_group_rows
+                    writer.write_table(merged.slice(0, full), row_group_size=row_group_rows)
+                    buffer, buffered = [merged.slice(full)], buffered - full
+                rows += table.num_rows
+                if advance:
+                    advance(table.num_rows)
+            if buffered:
+                writer.write_table(pa.concat_tables(buffer), row_group_size=row_group_rows)
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
+
+
+def _write_group(pool: Pool, source: str, group: list[tuple[str, int]], row_group_rows: int, advance) -> str:
+    name = _next_name(pool, source)
+    url = storage.join(pool.samples_dir(source), f"{name}.parquet")
+    parts = [pool.part(source, unit) for unit, _ in group]
+    rows = _write_parts(pool, url, parts, row_group_rows, advance)
+    manifest = {"units": [u for u, _ in group], "rows": rows, "written_at": time.time()}
+    storage.write_json(pool.url("units", f"source={source}", f"{name}.json"), manifest, tag="compact")
     for part in parts:
-        part.unlink()
-    return path
+        storage.remove(part)
+    return url
+
+
+def rewrite_without(pool: Pool, source: str, url: str, manifest: dict[str, Any], units: set[str]) -> None:
+    """Rewrite one compact file without `units` (they changed or left the source). The new manifest names
+    the old file in `replaces`, so readers switch over in one step; the old file and manifest go after."""
+    import pyarrow.compute as pc
+
+    old = storage.name(url).removesuffix(".parquet")
+    keep_units = [u for u in manifest["units"] if u not in units]
+    name = _next_name(pool, source)
+    if keep_units:
+        new_url = storage.join(pool.samples_dir(source), f"{name}.parquet")
+        rows = _write_parts(pool, new_url, [url], 131_072, keep=lambda t: pc.is_in(t["unit"], pa_array(keep_units)))
+    else:
+        rows = 0
+    record = {"units": keep_units, "rows": rows, "written_at": time.time(), "replaces": [old]}
+    storage.write_json(pool.url("units", f"source={source}", f"{name}.json"), record, tag="compact")
+    storage.remove(url)
+    storage.remove(pool.url("units", f"source={source}", f"{old}.json"))
+    if not keep_units:
+        storage.remove(pool.url("units", f"source={source}", f"{name}.json"))
+
+
+def pa_array(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())

@@ -15,9 +15,9 @@ Adding a source to a large pool then encodes only the new source; sub-indexes ca
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,10 @@ import faiss
 import numpy as np
 import pyarrow.dataset as ds
 
-from curate import progress
-from curate.errors import UserError
-from curate.pool import Pool, write_json_atomic
+from curate.config import IndexConfig
+from curate.pool import Pool
+from kdcore import progress, storage
+from kdcore.errors import UserError
 
 FLAT_MAX_ROWS = 2_000_000
 BATCH_ROWS = 65_536
@@ -54,14 +55,50 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
-def embedding_batches(pool: Pool, rows: int = BATCH_ROWS, files: list[Path] | None = None):
+def dataset(files: list[str]) -> ds.Dataset:
+    """A pyarrow dataset over pool files (local, or through the storage layer's filesystem)."""
+    fs, _ = storage.arrow_filesystem(files[0])
+    return ds.dataset([storage.arrow_filesystem(f)[1] for f in files], format="parquet", filesystem=fs)
+
+
+def read_index(pool: Pool) -> faiss.Index:
+    """The pool's index (downloaded to a temporary file first when the pool is remote)."""
+    url = storage.join(pool.index_dir, "embeddings.faiss")
+    if not storage.isfile(url):
+        raise UserError(f"pool {storage.redact(pool.root)} has no index; run 'curate index {pool.root}' first")
+    return _read(url)
+
+
+def _read(url: str) -> faiss.Index:
+    if storage.is_local(url):
+        return faiss.read_index(str(storage.local(url)))
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as tmp:
+        tmp.write(storage.read_bytes(url))
+        tmp.flush()
+        return faiss.read_index(tmp.name)
+
+
+def _write(index: faiss.Index, url: str) -> int:
+    """Write an index atomically; returns its size in bytes."""
+    if storage.is_local(url):
+        storage.makedirs(storage.parent(url))
+        with storage.atomic_path(url, tag="index") as tmp:
+            faiss.write_index(index, str(tmp))
+        return storage.local(url).stat().st_size
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as tmp:
+        faiss.write_index(index, tmp.name)
+        data = Path(tmp.name).read_bytes()
+    storage.write_bytes(url, data)
+    return len(data)
+
+
+def embedding_batches(pool: Pool, rows: int = BATCH_ROWS, files: list[str] | None = None):
     """(uids int64, float32 L2-normalised vectors) batches over complete units (or over `files`)."""
-    files = [str(p) for p in (pool.sample_files() if files is None else files)]
+    files = pool.sample_files() if files is None else files
     if not files:
-        raise UserError(f"pool {pool.root} has no scored units; run 'curate score' first")
-    dataset = ds.dataset(files, format="parquet")
+        raise UserError(f"pool {storage.redact(pool.root)} has no scored units; run 'curate score' first")
     # bounded read-ahead: the default buffers dozens of row groups, GiBs of embeddings on a large pool
-    for batch in dataset.to_batches(
+    for batch in dataset(files).to_batches(
         columns=["uid", "embedding"], batch_size=rows, batch_readahead=2, fragment_readahead=1
     ):
         if batch.num_rows == 0:
@@ -100,80 +137,69 @@ def choose_kind(n: int, dim: int, budget: int, kind: str) -> tuple[str, str]:
     raise UserError(f"unknown --kind {kind!r}; use auto, flat, ivf-pq or hnsw")
 
 
-def index(
-    pool_dir: str,
-    kind: str = "auto",
-    memory: str = "4GB",
-    queries: int = 500,
-    seed: int = 0,
-    per_source: bool = False,
-    retrain: bool = False,
-    sources: list[str] | None = None,
-    show_progress: bool = True,
-) -> IndexResult:
+def index(cfg: IndexConfig) -> IndexResult:
     """Build pool/index/embeddings.faiss (+ embeddings.json) from the pool's embeddings.
 
-    With `sources` (per-source only), build just those sources' sub-indexes and stop before the merge, so
-    machines sharing the pool's storage can each take some sources; a final run without it merges them."""
+    With `cfg.sources` (per-source only), build just those sources' sub-indexes and stop before the merge,
+    so machines sharing the pool's storage can each take some sources; a final run without it merges them."""
     t0 = time.perf_counter()
-    pool = Pool(pool_dir)
+    pool = Pool(cfg.pool)
     meta = pool.meta()
+    with pool.lock("index" if not cfg.sources else f"index-{'-'.join(sorted(cfg.sources))}"):
+        return _index(cfg, pool, meta, t0)
+
+
+def _index(cfg: IndexConfig, pool: Pool, meta: dict[str, Any], t0: float) -> IndexResult:
     files = pool.sample_files()
-    n = ds.dataset([str(f) for f in files], format="parquet").count_rows() if files else 0
+    n = dataset(files).count_rows() if files else 0
     if n == 0:
-        raise UserError(f"pool {pool.root} has no scored samples; run 'curate score' first")
+        raise UserError(f"pool {storage.redact(pool.root)} has no scored samples; run 'curate score' first")
     dim = int(meta["embedding"]["dim"])
-    kind, factory = choose_kind(n, dim, parse_memory(memory), kind)
-    if per_source and kind == "hnsw":
+    kind, factory = choose_kind(n, dim, parse_memory(cfg.memory), cfg.kind)
+    if cfg.per_source and kind == "hnsw":
         raise UserError("HNSW indexes cannot be merged; use --kind ivf-pq or flat with --per-source")
     groups = _by_source(files)
-    if sources is not None:
-        if not per_source:
-            raise UserError("--sources builds sub-indexes: add --per-source")
-        unknown = sorted(set(sources) - set(groups))
+    partial = bool(cfg.sources)
+    if partial:
+        unknown = sorted(set(cfg.sources) - set(groups))
         if unknown:
-            have = ", ".join(groups)
-            raise UserError(f"no scored samples for source(s) {', '.join(unknown)}; the pool has {have}")
-        groups = {name: g for name, g in groups.items() if name in sources}
-    pool.index_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    idx, factory = _trained(pool, kind, factory, dim, n, rng, keep=per_source, retrain=retrain)
+            raise UserError(f"no scored samples for source(s) {', '.join(unknown)}; the pool has {', '.join(groups)}")
+        groups = {name: g for name, g in groups.items() if name in cfg.sources}
+    storage.makedirs(pool.index_dir)
+    rng = np.random.default_rng(cfg.seed)
+    idx, factory = _trained(pool, kind, factory, dim, n, rng, keep=cfg.per_source, retrain=cfg.retrain)
     ivf = faiss.extract_index_ivf(idx) if factory.startswith("IVF") else None
-    query_rate = min(1.0, queries / n)
+    query_rate = min(1.0, cfg.queries / n)
     sample_q: list[np.ndarray] = []
     reused = built = 0
-    chosen = [str(f) for g in groups.values() for f in g]
-    total = n if sources is None else ds.dataset(chosen, format="parquet").count_rows()
-    with progress.bar("indexing", total=total, enabled=show_progress) as advance:
-        if per_source:
+    total = n if not partial else dataset([f for g in groups.values() for f in g]).count_rows()
+    with progress.bar("indexing", total=total, enabled=cfg.show_progress) as advance:
+        if cfg.per_source:
             empty = faiss.clone_index(idx)
-            trained_sig = hashlib.sha256((pool.index_dir / "trained.faiss").read_bytes()).hexdigest()
-            queries_to = sample_q if sources is None else None  # no merge, no recall to measure
+            trained_sig = hashlib.sha256(storage.read_bytes(storage.join(pool.index_dir, "trained.faiss"))).hexdigest()
+            queries_to = None if partial else sample_q  # no merge, no recall to measure
             for name, source_files in groups.items():
                 sub, was_reused = _sub_index(pool, name, empty, trained_sig, source_files, rng, query_rate,
                                              queries_to, advance)  # fmt: skip
                 reused += was_reused
                 built += int(sub.ntotal)
-                if sources is None:
+                if not partial:
                     idx.merge_from(sub, 0)
         else:
             for uids, vecs in embedding_batches(pool, files=files):
                 idx.add_with_ids(vecs, uids)
                 sample_q.append(vecs[rng.random(len(vecs)) < query_rate])
                 advance(len(uids))
-    if sources is not None:  # sub-indexes only: the merge and its recall belong to the run without --sources
-        size = sum(_sub_path(pool, name).stat().st_size for name in groups)
+    if partial:  # sub-indexes only: the merge and its recall belong to the run without --sources
+        size = sum(len(storage.read_bytes(_sub_path(pool, name))) for name in groups)
         seconds = round(time.perf_counter() - t0, 3)
-        return IndexResult(str(pool.index_dir / "sources"), kind, factory, built, dim, None, seconds, size)
+        return IndexResult(storage.join(pool.index_dir, "sources"), kind, factory, built, dim, None, seconds, size)
     if ivf is not None:
         ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 16))
-    qs = np.concatenate(sample_q)[:queries] if sample_q else np.zeros((0, dim), np.float32)
+    qs = np.concatenate(sample_q)[: cfg.queries] if sample_q else np.zeros((0, dim), np.float32)
     recall = measure_recall(pool, idx, qs, k=10)
-
-    path = pool.index_dir / "embeddings.faiss"
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(idx, str(tmp))
-    tmp.replace(path)
+    path = storage.join(pool.index_dir, "embeddings.faiss")
+    size = _write(idx, path)
     info: dict[str, Any] = {
         "kind": kind,
         "factory": factory,
@@ -182,82 +208,87 @@ def index(
         "rows": int(idx.ntotal),
         "dim": dim,
         "nprobe": int(ivf.nprobe) if ivf is not None else None,
-        "bytes": path.stat().st_size,
-        "memory_budget": memory,
+        "bytes": size,
+        "memory_budget": cfg.memory,
         "recall_at_10": recall,
         "recall_queries": len(qs),
         "units": len(files),
-        "per_source": per_source,
-        "sub_indexes_reused": reused if per_source else None,
+        "per_source": cfg.per_source,
+        "sub_indexes_reused": reused if cfg.per_source else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json_atomic(pool.index_dir / "embeddings.json", info)
-    return IndexResult(str(path), kind, factory, info["rows"], dim, recall, info["seconds"], info["bytes"])
+    storage.write_json(storage.join(pool.index_dir, "embeddings.json"), info, tag="index")
+    return IndexResult(storage.redact(path), kind, factory, info["rows"], dim, recall, info["seconds"], size)
 
 
-def _trained(
-    pool: Pool, kind: str, factory: str, dim: int, n: int, rng, keep: bool, retrain: bool
-) -> tuple[faiss.Index, str]:
+def _trained(pool: Pool, kind: str, factory: str, dim: int, n: int, rng, keep: bool, retrain: bool
+             ) -> tuple[faiss.Index, str]:  # fmt: skip
     """An empty index and its factory, trained (IVF: on a uniform sample, streamed). With `keep`, the
     trained index is stored and reused while the kind is the same (its factory was chosen for the pool
     size it was trained on; --retrain chooses again), so sub-indexes built at different times merge."""
-    path = pool.index_dir / "trained.faiss"
-    info = path.with_suffix(".json")
-    if keep and not retrain and path.exists() and info.exists():
-        stored = json.loads(info.read_text())
+    path = storage.join(pool.index_dir, "trained.faiss")
+    info = storage.join(pool.index_dir, "trained.json")
+    if keep and not retrain and storage.exists(path) and storage.exists(info):
+        stored = storage.read_json(info)
         if stored.get("kind") == kind:
-            return faiss.read_index(str(path)), stored["factory"]
+            return _read(path), stored["factory"]
     idx = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if factory.startswith("IVF"):
         ivf = faiss.extract_index_ivf(idx)
         rate = min(n, max(ivf.nlist * 40, 20_000), 500_000) / n
         idx.train(np.concatenate([v[rng.random(len(v)) < rate] for _, v in embedding_batches(pool)]))
     if keep:
-        faiss.write_index(idx, str(path.with_name(path.name + ".tmp")))
-        path.with_name(path.name + ".tmp").replace(path)
-        write_json_atomic(info, {"kind": kind, "factory": factory, "trained_on_rows": n, "at": time.time()})
+        _write(idx, path)
+        storage.write_json(info, {"kind": kind, "factory": factory, "trained_on_rows": n, "at": time.time()})
     return idx, factory
 
 
-def _by_source(files: list[Path]) -> dict[str, list[Path]]:
+def _by_source(files: list[str]) -> dict[str, list[str]]:
     """The pool's sample files by source name (from their source=NAME directory), sorted by name."""
-    groups: dict[str, list[Path]] = {}
+    groups: dict[str, list[str]] = {}
     for f in files:
-        groups.setdefault(f.parent.name.split("=", 1)[1], []).append(f)
+        groups.setdefault(storage.name(storage.parent(f)).split("=", 1)[1], []).append(f)
     return dict(sorted(groups.items()))
 
 
-def _sub_path(pool: Pool, source: str) -> Path:
-    return pool.index_dir / "sources" / f"{source}.faiss"
+def _sub_path(pool: Pool, source: str) -> str:
+    return storage.join(pool.index_dir, "sources", f"{source}.faiss")
 
 
-def _sub_index(pool: Pool, source: str, empty: faiss.Index, trained_sig: str, files: list[Path], rng,
+def _sub_index(pool: Pool, source: str, empty: faiss.Index, trained_sig: str, files: list[str], rng,
                query_rate: float, sample_q: list[np.ndarray] | None, advance) -> tuple[faiss.Index, bool]:  # fmt: skip
     """The sub-index of one source: reused when its files and the trained index are unchanged.
     Recall queries go to `sample_q` (when given) from every source, rebuilt or not."""
     path = _sub_path(pool, source)
-    path.parent.mkdir(exist_ok=True)
-    info = path.with_suffix(".json")
+    info = path.removesuffix(".faiss") + ".json"
     h = hashlib.sha256(trained_sig.encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{storage.name(f)}:{_stamp(f)}".encode())
     fingerprint = h.hexdigest()
     first = next(embedding_batches(pool, rows=4096, files=files[:1]), None) if sample_q is not None else None
     if first is not None:
         sample_q.append(first[1][rng.random(len(first[1])) < min(1.0, query_rate * 16)])
-    if path.exists() and info.exists() and json.loads(info.read_text()).get("fingerprint") == fingerprint:
-        sub = faiss.read_index(str(path))
+    if storage.exists(path) and storage.exists(info) and storage.read_json(info).get("fingerprint") == fingerprint:
+        sub = _read(path)
         advance(int(sub.ntotal))
         return sub, True
     sub = faiss.clone_index(empty)
     for uids, vecs in embedding_batches(pool, files=files):
         sub.add_with_ids(vecs, uids)
         advance(len(uids))
-    faiss.write_index(sub, str(path.with_name(path.name + ".tmp")))
-    path.with_name(path.name + ".tmp").replace(path)
-    write_json_atomic(info, {"fingerprint": fingerprint, "rows": int(sub.ntotal), "files": len(files)})
+    _write(sub, path)
+    storage.write_json(info, {"fingerprint": fingerprint, "rows": int(sub.ntotal), "files": len(files)})
     return sub, False
+
+
+def _stamp(url: str) -> str:
+    """size:mtime of a file (local stat or the object's listing)."""
+    if storage.is_local(url):
+        st = storage.local(url).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    fs, path = storage.filesystem(url)
+    info = fs.info(path)
+    return f"{info.get('size')}:{info.get('LastModified') or info.get('mtime') or info.get('ETag')}"
 
 
 def measure_recall(pool: Pool, idx: faiss.Index, queries: np.ndarray, k: int = 10) -> float:

@@ -1,194 +1,250 @@
-"""The pool directory: pool.json, per-unit Parquet parts, errors, completion markers.
+"""The pool: pool.json, per-unit Parquet parts, errors, completion records, on any storage.
 
-    pool/pool.json
-    pool/samples/source=NAME/unit-ID.parquet      one row per decoded sample (zstd)
-    pool/samples/source=NAME/unit-ID.done.json    completion marker + stats, written last
-    pool/samples/source=NAME/compact-N.parquet    many units' rows merged by `curate compact`
-    pool/samples/source=NAME/compact-N.json       its manifest (the units it holds), written last
-    pool/errors/source=NAME/unit-ID.parquet       one row per sample that failed, with its reason
+    pool/pool.json                                  schema version, teacher, scores, sources
+    pool/samples/source=NAME/unit-ID.parquet        one row per decoded sample (zstd): only Parquet here,
+                                                    so generic hive readers (pyarrow, DuckDB, Spark, HF) read it
+    pool/samples/source=NAME/compact-N.parquet      many units' rows merged by `curate compact`
+    pool/units/source=NAME/unit-ID.json             the unit's completion record (rows, errors, fingerprint),
+                                                    written last: a unit without it is redone
+    pool/units/source=NAME/compact-N.json           a compact file's manifest (the units it holds): its commit
+    pool/errors/source=NAME/unit-ID.parquet         one row per sample that failed, with its reason
     pool/index/embeddings.faiss + embeddings.json
+    pool/locks/ROLE.lock                            who is writing (one scorer, one compactor at a time)
 
-A unit is atomic: each file is written under a temporary name and renamed; the marker comes last,
-so a unit without its marker is simply redone. Markers stay when units are compacted: a unit's rows
-are in its own part, or in the compact file whose manifest names it, never both as far as readers
-see (`sample_files`).
+A unit is atomic: its parts are written whole (locally under a hidden temporary name, renamed; on object
+storage an object appears whole or not at all), then its record. Records stay when units are compacted:
+a unit's rows are in its own part or in the compact file whose manifest names it, never both as far as
+`sample_files` sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from kdcore import storage
+from kdcore.errors import UserError
 
-from curate.errors import UserError
-
-SCHEMA_VERSION = 1
-TMP_SUFFIX = ".tmp"
-
-ERROR_SCHEMA = pa.schema(
-    [
-        ("uid", pa.int64()),
-        ("sample_id", pa.string()),
-        ("key", pa.string()),
-        ("unit", pa.string()),
-        ("reason", pa.string()),
-    ]
-)
+SCHEMA_VERSION = 2
+ERROR_COLUMNS = (("uid", "int64"), ("sample_id", "string"), ("key", "string"), ("unit", "string"),
+                 ("reason", "string"))  # fmt: skip
 
 
-def sample_schema(num_classes: int, embed_dim: int, logits: str, with_odin: bool) -> pa.Schema:
+def error_schema():
+    import pyarrow as pa
+
+    return pa.schema([(n, getattr(pa, t)()) for n, t in ERROR_COLUMNS])
+
+
+def sample_schema(num_classes: int, embed_dim: int, logits: str, with_odin: bool):
     """Columns of samples/ parts. `logits` is 'full' or 'topk:K'."""
-    fields: list[tuple[str, pa.DataType]] = [
+    import pyarrow as pa
+
+    from curate.scores import score_names
+
+    fields: list[tuple[str, Any]] = [
         ("uid", pa.int64()),
         ("sample_id", pa.string()),
+        ("source", pa.string()),
         ("key", pa.string()),
         ("unit", pa.string()),
         ("content_hash", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("label", pa.int16()),
+        ("meta", pa.string()),
     ]
     if logits == "full":
         fields.append(("logits", pa.list_(pa.float32(), num_classes)))
     else:
         k = int(logits.split(":")[1])
-        fields += [
-            ("topk_idx", pa.list_(pa.int32(), k)),
-            ("topk_val", pa.list_(pa.float32(), k)),
-            ("logsumexp", pa.float32()),
-        ]
-    fields += [("pred", pa.int16())]
-    fields += [(s, pa.float32()) for s in ("confidence", "margin", "entropy", "energy", "max_logit")]
-    fields += [(s, pa.float32()) for s in ("bn_score", "feat_norm", "proj_score")]
-    if with_odin:
-        fields.append(("odin", pa.float32()))
+        fields += [("topk_idx", pa.list_(pa.int32(), k)), ("topk_val", pa.list_(pa.float32(), k)),
+                   ("logsumexp", pa.float32())]  # fmt: skip
+    fields.append(("pred", pa.int16()))
+    fields += [(s, pa.float32()) for s in score_names(with_odin)]
     fields.append(("embedding", pa.list_(pa.float32(), embed_dim)))
     return pa.schema(fields)
 
 
+def _between(name: str, prefix: str, suffix: str) -> str:
+    return name[len(prefix) : -len(suffix)]
+
+
 class Pool:
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = str(root).rstrip("/") or "/"
 
     # ------------------------------------------------------------------ layout
-    @property
-    def meta_path(self) -> Path:
-        return self.root / "pool.json"
-
-    def samples_dir(self, source: str) -> Path:
-        return self.root / "samples" / f"source={source}"
-
-    def errors_dir(self, source: str) -> Path:
-        return self.root / "errors" / f"source={source}"
-
-    def part(self, source: str, unit: str) -> Path:
-        return self.samples_dir(source) / f"unit-{unit}.parquet"
-
-    def error_part(self, source: str, unit: str) -> Path:
-        return self.errors_dir(source) / f"unit-{unit}.parquet"
-
-    def marker(self, source: str, unit: str) -> Path:
-        return self.samples_dir(source) / f"unit-{unit}.done.json"
+    def url(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
 
     @property
-    def index_dir(self) -> Path:
-        return self.root / "index"
+    def meta_url(self) -> str:
+        return self.url("pool.json")
+
+    def samples_dir(self, source: str) -> str:
+        return self.url("samples", f"source={source}")
+
+    def part(self, source: str, unit: str) -> str:
+        return self.url("samples", f"source={source}", f"unit-{unit}.parquet")
+
+    def error_part(self, source: str, unit: str) -> str:
+        return self.url("errors", f"source={source}", f"unit-{unit}.parquet")
+
+    def record(self, source: str, unit: str) -> str:
+        return self.url("units", f"source={source}", f"unit-{unit}.json")
+
+    @property
+    def index_dir(self) -> str:
+        return self.url("index")
 
     # ------------------------------------------------------------------ metadata
     def exists(self) -> bool:
-        return self.meta_path.is_file()
+        return storage.isfile(self.meta_url)
 
     def meta(self) -> dict[str, Any]:
         if not self.exists():
-            raise UserError(f"{self.root} is not a pool (no pool.json); create one with 'curate score'")
-        return json.loads(self.meta_path.read_text())
+            raise UserError(f"{storage.redact(self.root)} is not a pool (no pool.json); create one with 'curate score'")
+        meta = storage.read_json(self.meta_url, "pool.json")
+        if not isinstance(meta, dict) or "classes" not in meta or "teacher" not in meta:
+            raise UserError(f"{storage.redact(self.meta_url)} is not a kdcurate pool.json; restore it or rescore")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"pool {storage.redact(self.root)} has schema version {meta.get('schema_version')}, this "
+                            f"kdcurate reads {SCHEMA_VERSION}: rescore it into a new pool")  # fmt: skip
+        return meta
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.meta_path, meta)
+        storage.makedirs(self.root)
+        storage.write_json(self.meta_url, meta)
 
     def wipe(self) -> None:
-        for sub in ("samples", "errors", "index"):
-            shutil.rmtree(self.root / sub, ignore_errors=True)
-        self.meta_path.unlink(missing_ok=True)
+        for sub in ("samples", "errors", "units", "index"):
+            storage.rmtree(self.url(sub))
+        storage.remove(self.meta_url)
 
     # ------------------------------------------------------------------ units
-    def done_units(self, source: str) -> set[str]:
-        d = self.samples_dir(source)
-        if not d.is_dir():
-            return set()
-        return {p.name[len("unit-") : -len(".done.json")] for p in d.glob("unit-*.done.json")}
+    def records(self, source: str | None = None) -> list[dict[str, Any]]:
+        """Completion records of complete units (of one source, or all), each with its 'source'."""
+        pattern = self.url("units", f"source={source or '*'}", "unit-*.json")
+        out = []
+        for url in storage.glob(pattern):
+            src = storage.name(storage.parent(url)).split("=", 1)[1]
+            try:
+                out.append({"source": src, **json.loads(storage.read_bytes(url))})
+            except (json.JSONDecodeError, FileNotFoundError):
+                continue  # cut short by a kill (locally impossible: written atomically) or removed meanwhile
+        return out
 
-    def clean_partial(self) -> int:
-        """Remove temporary files a killed run left behind; returns how many."""
+    def done_units(self, source: str) -> dict[str, dict[str, Any]]:
+        """unit id -> its completion record."""
+        return {r["unit"]: r for r in self.records(source)}
+
+    def clean_partial(self, tag: str) -> int:
+        """Remove the hidden temporaries a killed run of the command `tag` left (local pools); returns how many."""
+        if not storage.is_local(self.root):
+            return 0  # objects appear whole or not at all: nothing is left half-written
         n = 0
-        for sub in ("samples", "errors"):
-            for p in (self.root / sub).glob(f"*/*{TMP_SUFFIX}"):
+        root = storage.local(self.root)
+        for sub in ("samples", "errors", "units", "index"):
+            for p in (root / sub).rglob(f".*.{tag}{storage.TMP_SUFFIX}"):
                 p.unlink(missing_ok=True)
                 n += 1
         return n
 
-    def write_unit(self, source: str, unit: str, samples: pa.Table, errors: pa.Table, stats: dict) -> None:
-        """Parts first (temp + rename), the marker last."""
-        self.samples_dir(source).mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(self.part(source, unit), samples)
-        err_path = self.error_part(source, unit)
+    def write_unit(self, source: str, unit: str, samples: Any, errors: Any, stats: dict[str, Any]) -> None:
+        """Parts first, the completion record last."""
+        storage.write_parquet(self.part(source, unit), samples, tag="score")
         if errors.num_rows:
-            self.errors_dir(source).mkdir(parents=True, exist_ok=True)
-            write_parquet_atomic(err_path, errors)
+            storage.write_parquet(self.error_part(source, unit), errors, tag="score")
         else:
-            err_path.unlink(missing_ok=True)
-        write_json_atomic(self.marker(source, unit), {**stats, "finished_at": time.time()})
+            storage.remove(self.error_part(source, unit))
+        storage.write_json(self.record(source, unit), {**stats, "finished_at": time.time()}, tag="score")
 
-    def write_failed(self, source: str, unit: str, errors: pa.Table) -> None:
-        """A unit that could not be read: its error rows, and no marker (a rerun tries it again)."""
-        self.errors_dir(source).mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(self.error_part(source, unit), errors)
+    def write_failed(self, source: str, unit: str, errors: Any) -> None:
+        """A unit that could not be read: its error rows, and no record (a rerun tries it again)."""
+        storage.write_parquet(self.error_part(source, unit), errors, tag="score")
 
-    def markers(self) -> list[dict[str, Any]]:
-        out = []
-        for p in sorted((self.root / "samples").glob("source=*/unit-*.done.json")):
-            out.append({"source": p.parent.name.split("=", 1)[1], **json.loads(p.read_text())})
-        return out
+    def compacted(self, source: str) -> dict[str, dict[str, Any]]:
+        """Committed compact files of one source (manifest present, not replaced) -> their manifests."""
+        manifests = {}
+        for url in storage.glob(self.url("units", f"source={source}", "compact-*.json")):
+            try:
+                manifests[storage.name(url).removesuffix(".json")] = json.loads(storage.read_bytes(url))
+            except (json.JSONDecodeError, FileNotFoundError):
+                continue
+        replaced = {r for m in manifests.values() for r in m.get("replaces", [])}
+        return {storage.join(self.samples_dir(source), f"{n}.parquet"): m for n, m in sorted(manifests.items())
+                if n not in replaced}  # fmt: skip
 
-    def compacted(self, source_dir: Path) -> dict[Path, list[str]]:
-        """Committed compact files of one source directory (manifest present) -> the units they hold."""
-        out = {}
-        for m in sorted(source_dir.glob("compact-*.json")):
-            data = json.loads(m.read_text())
-            out[m.with_suffix(".parquet")] = data["units"]
-        return out
+    def sources_on_disk(self) -> list[str]:
+        return sorted({storage.name(u).split("=", 1)[1] for u in storage.glob(self.url("units", "source=*"))})
 
-    def sample_files(self) -> list[Path]:
-        """The files to read: committed compact files, and the parts of complete units (marker present)
+    def sample_files(self) -> list[str]:
+        """The files to read: committed compact files, and the parts of complete units (record present)
         that no compact file holds."""
         files = []
-        for d in sorted((self.root / "samples").glob("source=*")):
-            compacted = self.compacted(d)
-            covered = {u for units in compacted.values() for u in units}
+        for source in self.sources_on_disk():
+            compacted = self.compacted(source)
+            covered = {u for m in compacted.values() for u in m["units"]}
             files += list(compacted)
-            files += [
-                p
-                for p in sorted(d.glob("unit-*.parquet"))
-                if p.name[len("unit-") : -len(".parquet")] not in covered
-                and p.with_name(p.name[: -len(".parquet")] + ".done.json").exists()
-            ]
+            files += [self.part(source, r["unit"]) for r in self.records(source) if r["unit"] not in covered]
         return sorted(files)
 
+    def drop_units(self, source: str, units: set[str]) -> None:
+        """Forget units (changed or gone from the source): their parts, errors and records; compact files
+        holding any of them are rewritten without them (a new manifest replaces the old one)."""
+        if not units:
+            return
+        for url, manifest in self.compacted(source).items():
+            held = set(manifest["units"]) & units
+            if held:
+                from curate.compact import rewrite_without
 
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+                rewrite_without(self, source, url, manifest, held)
+        for unit in sorted(units):
+            storage.remove(self.record(source, unit))  # first: the unit is incomplete from here on
+            storage.remove(self.part(source, unit))
+            storage.remove(self.error_part(source, unit))
 
+    # ------------------------------------------------------------------ writers
+    @contextmanager
+    def lock(self, role: str) -> Iterator[None]:
+        """One writer of a role (score, compact, index) per pool at a time; a second one is refused with a
+        message naming the holder. Local pools use an OS lock (released when the holder dies)."""
+        holder = {"command": f"curate {role}", "pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        if not storage.is_local(self.root):
+            from curate.remote_lock import remote_lock
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+            with remote_lock(self.url("locks", f"{role}.lock"), holder, self.root):
+                yield
+            return
+        import fcntl
+
+        path = storage.local(self.url("locks", f"{role}.lock"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    who = json.loads(Path(path).read_text() or "{}")
+                except (json.JSONDecodeError, OSError):
+                    who = {}
+                raise UserError(
+                    f"pool {self.root} is being written by {who.get('command', f'curate {role}')} (pid "
+                    f"{who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')}); wait for "
+                    "it to finish or stop it, then rerun"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
+            yield
+        finally:
+            os.close(fd)  # releases the lock

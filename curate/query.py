@@ -1,14 +1,17 @@
 """`curate sql`: DuckDB over a pool, read-only, streaming.
 
-Views: `samples` (all parts, hive-partitioned: `source` is a column), `errors`, and `selection` when a
-selection directory is given. Macros for the things people want over logits:
+Views: `samples` (all complete parts; `source` is a column), `errors`, and `selection` when a selection
+directory is given. Macros for the things people want over logits:
 
     prob(logits, k)            softmax probability of class k (0-based)
     topk_classes(logits, k)    the k most probable classes, best first (0-based)
     rel_entropy(counts)        H(p)/log C of a predicted-class histogram given as a list of counts
                                (C = the teacher's class count; 1 = perfectly balanced)
 
-An in-memory DuckDB reads the Parquet parts; nothing is ever written into the pool.
+Read-only by construction: a query must be exactly one SELECT (or EXPLAIN) statement, so COPY, ATTACH,
+INSTALL, SET and the like never run; results leave only through --out, written by this module from the
+result stream. `--where` and `--score` of `curate select` are checked to be one expression (`expression`).
+A pool on object storage is read through its fsspec filesystem, registered with DuckDB.
 """
 
 from __future__ import annotations
@@ -16,48 +19,51 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import duckdb
-from rich.console import Console
-from rich.table import Table
 
-from curate.errors import UserError
-from curate.pool import ERROR_SCHEMA, Pool
+from curate.config import SqlConfig
+from curate.pool import ERROR_COLUMNS, Pool
+from kdcore import storage
+from kdcore.errors import UserError
 
-FORMATS = ("table", "csv", "json", "parquet")
-TABLE_ROWS = 50
+READ_STATEMENTS = ("SELECT", "EXPLAIN")
 
 
 def connect(pool_dir: str, selection: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the pool's views and macros."""
     pool = Pool(pool_dir)
     meta = pool.meta()
-    con = duckdb.connect()
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if threads:
         con.execute(f"SET threads = {int(threads)}")
-    root = pool.root.resolve()
-    files = [p.resolve() for p in pool.sample_files()]
+    if not storage.is_local(pool.root):
+        fs, _ = storage.filesystem(pool.root)
+        con.register_filesystem(fs)
+    files = pool.sample_files()
     if not files:
-        raise UserError(f"pool {pool.root} has no scored samples yet; run 'curate score' first")
-    if len(files) == len(list((root / "samples").glob("source=*/*.parquet"))):
-        source = f"'{_q(root)}/samples/*/*.parquet'"  # every file is complete: the glob is the short form
+        raise UserError(f"pool {storage.redact(pool.root)} has no scored samples yet; run 'curate score' first")
+    root = storage.absolute(pool.root)
+    all_parquet = storage.glob(storage.join(pool.root, "samples", "source=*", "*.parquet"))
+    if len(files) == len(all_parquet):
+        source = _lit(storage.join(root, "samples", "*", "*.parquet"))  # every file is complete: the glob
     else:  # units being written, or a compaction cut short: only what sample_files vouches for
-        source = "[" + ", ".join(f"'{_q(p)}'" for p in files) + "]"
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({source}, hive_partitioning=1)")
-    if list((root / "errors").glob("source=*/*.parquet")):
-        con.execute(
-            f"CREATE VIEW errors AS SELECT * FROM read_parquet('{_q(root)}/errors/*/*.parquet', hive_partitioning=1)"
-        )
+        source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
+    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({source}, union_by_name=true)")
+    if storage.glob(storage.join(pool.root, "errors", "source=*", "*.parquet")):
+        errors = _lit(storage.join(root, "errors", "*", "*.parquet"))
+        con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, hive_partitioning=1)")
     else:
-        cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in ERROR_SCHEMA) + ", NULL::VARCHAR AS source"
-        con.execute(f"CREATE VIEW errors AS SELECT {cols} WHERE false")
+        cols = ", ".join(f"NULL::{'BIGINT' if t == 'int64' else 'VARCHAR'} AS {n}" for n, t in ERROR_COLUMNS)
+        con.execute(f"CREATE VIEW errors AS SELECT {cols}, NULL::VARCHAR AS source WHERE false")
     if selection:
-        path = Path(selection) / "selection.parquet"
-        if not path.is_file():
+        path = storage.join(selection, "selection.parquet")
+        if not storage.isfile(path):
             raise UserError(f"no selection at {selection} (expected {path})")
-        con.execute(f"CREATE VIEW selection AS SELECT * FROM read_parquet('{_q(path.resolve())}')")
+        if not storage.is_local(path):
+            con.register_filesystem(storage.filesystem(path)[0])
+        con.execute(f"CREATE VIEW selection AS SELECT * FROM read_parquet({_lit(storage.absolute(path))})")
     n_classes = len(meta["classes"])
     con.execute(
         "CREATE MACRO prob(logits, k) AS "
@@ -75,44 +81,118 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
     return con
 
 
-def sql(pool: str, query: str, format: str = "table", out: str | None = None, selection: str | None = None,
-        limit: int = TABLE_ROWS) -> int:  # fmt: skip
-    """Run `query` over the pool; print or write the result. Returns the number of rows written
-    (for `table`, the rows shown)."""
-    if format not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if format == "parquet" and not out:
-        raise UserError("--format parquet needs --out FILE")
-    if out and Path(out).resolve().is_relative_to(Path(pool).resolve()):
-        raise UserError(f"--out {out} is inside the pool; curate sql never writes into the pool")
+def read_only(query: str) -> str:
+    """The query, when it is exactly one SELECT or EXPLAIN statement; a UserError otherwise."""
     try:
-        con = connect(pool, selection)
-        if out and format in ("csv", "json", "parquet"):
-            opts = {"csv": "FORMAT csv, HEADER", "json": "FORMAT json", "parquet": "FORMAT parquet, COMPRESSION zstd"}
-            con.execute(f"COPY ({query.rstrip().rstrip(';')}) TO '{_q(Path(out))}' ({opts[format]})")
-            return int(con.execute(f"SELECT count(*) FROM read_{'json_auto' if format == 'json' else format}"
-                                   f"('{_q(Path(out))}')").fetchone()[0])  # fmt: skip
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise UserError(f"SQL error: {_first(e)}") from None
+    if len(statements) != 1:
+        raise UserError(f"curate sql runs one query at a time; got {len(statements)} statements")
+    kind = statements[0].type.name
+    if kind not in READ_STATEMENTS:
+        raise UserError(f"curate sql is read-only: {kind} statements are refused; write results with "
+                        "--format csv|json|parquet --out FILE")  # fmt: skip
+    return query.strip().rstrip(";")
+
+
+def expression(text: str, what: str) -> str:
+    """`text` when it is exactly one SQL expression, so it can stand inside ( ) of a query the tool writes;
+    a UserError otherwise. DuckDB's own parser decides: `SELECT (text) AS __x FROM samples` must parse to one
+    plain SELECT with one item, from samples, with no WHERE, GROUP BY, set operation, CTE or modifier
+    (whatever closes the parenthesis early or comments the rest out changes that shape)."""
+    if not text or not text.strip():
+        raise UserError(f"{what} is empty")
+    probe = f"SELECT ({text}) AS __x FROM samples"
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [probe]).fetchall()[0][0])
+    if tree.get("error"):
+        raise UserError(f"{what} is not a valid SQL expression: {tree.get('error_message', '').splitlines()[0]}")
+    statements = tree.get("statements", [])
+    node = statements[0]["node"] if len(statements) == 1 else {}
+    table = node.get("from_table") or {}
+    plain = (
+        node.get("type") == "SELECT_NODE"
+        and len(node.get("select_list", [])) == 1
+        and table.get("type") == "BASE_TABLE"
+        and table.get("table_name") == "samples"
+        and not table.get("alias")
+        and not any(
+            node.get(k)
+            for k in ("where_clause", "group_expressions", "having", "qualify", "modifiers", "sample", "group_sets")
+        )
+        and not (node.get("cte_map") or {}).get("map")
+    )
+    if not plain:
+        raise UserError(f"{what} must be one SQL expression over the samples' columns (e.g. \"energy > 3\"); "
+                        f"{text!r} is not")  # fmt: skip
+    return text
+
+
+def sql(cfg: SqlConfig) -> int:
+    """Run the query over the pool; print or write the result. Returns the rows written (table: shown)."""
+    query = read_only(cfg.query)
+    if cfg.out and storage.inside(cfg.out, cfg.pool):
+        raise UserError(f"--out {cfg.out} is inside the pool; curate sql never writes into the pool")
+    try:
+        con = connect(cfg.pool, cfg.selection)
+        if cfg.out:
+            return _write(con.sql(query), cfg.format, cfg.out)
         cur = con.execute(query)
         names = [d[0] for d in cur.description] if cur.description else []
-        if format == "table":
-            return _print_table(cur, names, limit)
-        return _stream_text(cur, names, format, sys.stdout)
+        if cfg.format == "table":
+            return _print_table(cur, names, cfg.limit)
+        return _stream_text(cur, names, cfg.format, sys.stdout)
     except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"SQL error: {first}") from None
+        raise UserError(f"SQL error: {_first(e)}") from None
+
+
+def _write(rel: duckdb.DuckDBPyRelation, fmt: str, out: str) -> int:
+    """Stream the result into --out (csv, json lines, parquet; 'table' writes csv), atomically."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    names = rel.columns
+    reader = rel.to_arrow_reader(65_536)
+    with storage.open_write(out, tag="sql") as f:
+        if fmt == "parquet":
+            with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    n += batch.num_rows
+            return n
+        import io
+
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text) if fmt in ("csv", "table") else None
+        if writer:
+            writer.writerow(names)
+        for batch in reader:
+            for row in batch.to_pylist():
+                if writer:
+                    writer.writerow(row.values())
+                else:
+                    text.write(json.dumps(row, default=str) + "\n")
+            n += batch.num_rows
+        text.flush()
+        text.detach()
+    return n
 
 
 def _print_table(cur: duckdb.DuckDBPyConnection, names: list[str], limit: int) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     rows = cur.fetchmany(limit + 1)
     table = Table(show_lines=False)
     for n in names:
         table.add_column(n, overflow="fold")
     for row in rows[:limit]:
         table.add_row(*[_cell(v) for v in row])
-    console = Console(width=max(120, Console().width))
+    console = Console()
     console.print(table)
     if len(rows) > limit:
-        console.print(f"(first {limit} rows shown; use --format csv|json|parquet --out FILE for all)")
+        Console(stderr=True).print(f"(first {limit} rows shown; use --format csv|json|parquet --out FILE for all)")
     return min(len(rows), limit)
 
 
@@ -140,9 +220,10 @@ def _cell(v: Any) -> str:
     return "NULL" if v is None else str(v)
 
 
-def _q(p: Path | str) -> str:
-    return str(p).replace("'", "''")
+def _first(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
-def _duck_type(t: Any) -> str:
-    return {"int64": "BIGINT", "string": "VARCHAR"}.get(str(t), "VARCHAR")
+def _lit(p: str) -> str:
+    return "'" + str(p).replace("'", "''") + "'"

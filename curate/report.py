@@ -23,16 +23,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from curate.decode import DecodeError, pixels_from_array, pixels_from_bytes  # noqa: E402
-from curate.errors import UserError  # noqa: E402
-from curate.pool import Pool, write_json_atomic  # noqa: E402
+from curate.config import ReportConfig  # noqa: E402
+from curate.pool import Pool  # noqa: E402
 from curate.query import connect  # noqa: E402
+from curate.scores import SCORES  # noqa: E402
 from curate.select import rel_entropy  # noqa: E402
 from curate.sources import parse_source, read_keys  # noqa: E402
-from distill.models import InputSpec  # noqa: E402
+from kdcore import storage  # noqa: E402
+from kdcore.errors import UserError  # noqa: E402
+from kdcore.view import DecodeError, InputSpec, to_pixels  # noqa: E402
 
 HIST_SCORES = ("confidence", "energy", "bn_score")
-RANK_SCORES = ("confidence", "margin", "entropy", "energy", "max_logit", "bn_score", "feat_norm", "proj_score", "odin")
 BINS = 40
 
 
@@ -45,27 +46,22 @@ class ReportResult:
     images: list[str] = field(default_factory=list)
 
 
-def report(
-    pool_dir: str,
-    out: str,
-    selection: str | None = None,
-    score: str = "confidence",
-    thumbs: int = 12,
-    task_sources: list[str] | None = None,
-) -> ReportResult:
+def report(cfg: ReportConfig) -> ReportResult:
     t0 = time.perf_counter()
+    pool_dir, out, selection, score, thumbs = cfg.pool, cfg.out, cfg.selection, cfg.score, cfg.thumbs
+    task_sources = cfg.task_sources
     pool = Pool(pool_dir)
     meta = pool.meta()
     out_dir = Path(out)
-    if out_dir.resolve().is_relative_to(pool.root.resolve()):
+    if storage.inside(out, pool.root):
         raise UserError(f"--out {out} is inside the pool; reports live beside it")
     out_dir.mkdir(parents=True, exist_ok=True)
     con = connect(pool_dir, selection)
     classes = meta["classes"]
     available = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     if score not in available:
-        raise UserError(f"--score {score!r} is not a column of the pool; some: {', '.join(RANK_SCORES[:5])}")
-    scores = [s for s in RANK_SCORES if s in available and _non_null(con, s)]
+        raise UserError(f"--score {score!r} is not a column of the pool; scores: {', '.join(SCORES)}")
+    scores = [s for s in SCORES if s in available and _non_null(con, s)]
     task = _task_sources(meta, task_sources)
 
     # ---- per source
@@ -96,7 +92,7 @@ def report(
     page = _html(meta, pool, sources, auroc, task, thumb_files, sel_info, images, score, time.perf_counter() - t0)
     path = out_dir / "report.html"
     path.write_text(page)
-    write_json_atomic(out_dir / "report.json", {"sources": sources, "auroc": auroc, "selection": sel_info})
+    storage.write_json(str(out_dir / "report.json"), {"sources": sources, "auroc": auroc, "selection": sel_info})
     return ReportResult(str(path), sources, auroc, sel_info, [str(out_dir / i) for i in images])
 
 
@@ -113,7 +109,7 @@ def _task_sources(meta: dict[str, Any], named: list[str] | None) -> set[str]:
 
 
 def _non_null(con, col: str) -> bool:
-    return con.execute(f"SELECT count({col}) > 0 FROM samples").fetchone()[0]
+    return con.execute(f"SELECT count({col}) > 0 FROM samples").fetchall()[0][0]
 
 
 def _class_hist(con, view: str, n_classes: int) -> dict[str, np.ndarray]:
@@ -133,7 +129,7 @@ def _auroc(con, scores: list[str], task: set[str]) -> dict[str, float]:
             f"(SELECT source, {s}, rank() OVER (ORDER BY {s}) + (count(*) OVER (PARTITION BY {s}) - 1) / 2.0 AS rk "
             f"FROM samples WHERE {s} IS NOT NULL)) "
             "SELECT sum(rk) FILTER (WHERE pos), count(*) FILTER (WHERE pos), count(*) FILTER (WHERE NOT pos) FROM r"
-        ).fetchone()
+        ).fetchall()[0]
         rank_sum, n1, n0 = r
         if n1 and n0:
             res[s] = round((float(rank_sum) - n1 * (n1 + 1) / 2) / (n1 * n0), 4)
@@ -141,7 +137,7 @@ def _auroc(con, scores: list[str], task: set[str]) -> dict[str, float]:
 
 
 def _selection_summary(con, classes: list[str], task: set[str], scores: list[str]) -> dict[str, Any]:
-    n_sel, n_pool = con.execute("SELECT (SELECT count(*) FROM selection), (SELECT count(*) FROM samples)").fetchone()
+    n_sel, n_pool = con.execute("SELECT (SELECT count(*) FROM selection), (SELECT count(*) FROM samples)").fetchall()[0]
     comp = con.execute(
         "SELECT p.source, p.n, coalesce(s.n, 0) FROM (SELECT source, count(*) n FROM samples GROUP BY 1) p "
         "LEFT JOIN (SELECT source, count(*) n FROM selection GROUP BY 1) s USING (source) ORDER BY 1"
@@ -153,21 +149,20 @@ def _selection_summary(con, classes: list[str], task: set[str], scores: list[str
     }
     if task:
         names = ", ".join(f"'{t}'" for t in sorted(task))
-        prec = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM selection").fetchone()[0]
+        prec = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM selection").fetchall()[0][0]
         agree = con.execute(
             f"SELECT avg((pred = label)::INT) FROM selection WHERE source IN ({names}) AND label IS NOT NULL"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         info["precision"] = prec
         info["teacher_label_accuracy"] = agree
-        info["share_of_task_in_pool"] = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM samples").fetchone()[
-            0
-        ]
+        share = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM samples").fetchall()[0][0]
+        info["share_of_task_in_pool"] = share
         # what the same number of samples would give, taken as the top by each score
         info["precision_top_n_by_score"] = {
             s: con.execute(
                 f"SELECT avg((source IN ({names}))::INT) FROM (SELECT source FROM samples WHERE {s} IS NOT NULL "
                 f"ORDER BY {s} DESC, uid LIMIT {int(n_sel)})"
-            ).fetchone()[0]
+            ).fetchall()[0][0]
             for s in scores
         }
     info["pool_rows"] = n_pool
@@ -180,7 +175,7 @@ def _selection_summary(con, classes: list[str], task: set[str], scores: list[str
 def _plot_histograms(con, out_dir: Path, scores: list[str]) -> str:
     fig, axes = plt.subplots(1, max(1, len(scores)), figsize=(5 * max(1, len(scores)), 3.4), squeeze=False)
     for ax, s in zip(axes[0], scores, strict=False):
-        lo, hi = con.execute(f"SELECT min({s}), max({s}) FROM samples").fetchone()
+        lo, hi = con.execute(f"SELECT min({s}), max({s}) FROM samples").fetchall()[0]
         width = (hi - lo) / BINS if hi > lo else 1.0
         counts = con.execute(
             f"SELECT source, least({BINS - 1}, floor(({s} - {lo}) / {width}))::INT AS b, count(*) FROM samples "
@@ -269,10 +264,7 @@ def _thumbnails(con, meta: dict[str, Any], out_dir: Path, score: str, k: int) ->
             pixels = {}
             for unit, sample in read_keys(source, wanted):
                 try:
-                    if isinstance(sample.data, bytes):
-                        px = pixels_from_bytes(sample.data, spec)[0]
-                    else:
-                        px = pixels_from_array(sample.data, spec)[0]
+                    px = to_pixels(sample.data, spec)[0]
                 except DecodeError:
                     continue
                 pixels[(unit, sample.key)] = px

@@ -19,11 +19,9 @@ from collections import deque
 from dataclasses import asdict
 from typing import Any
 
-from curate import progress
-from curate.errors import UserError
+from curate.config import ScoreConfig
 from curate.pool import Pool
-from curate.score import (
-    ScoreConfig,
+from curate.scoring import (
     ScoreResult,
     TeacherRunner,
     UnitBatches,
@@ -34,6 +32,8 @@ from curate.score import (
     write_unit,
 )
 from curate.sources import Unit, parse_source
+from kdcore import progress
+from kdcore.errors import UserError
 
 try:
     import ray
@@ -41,9 +41,10 @@ except ImportError:  # the optional extra
     ray = None
 
 
-def decode_unit(source_spec: str, unit: Unit, spec: Any, batch_size: int, max_pixels: int) -> list[dict[str, Any]]:
+def decode_unit(source_spec: str, unit: Unit, spec: Any, batch_size: int, max_pixels: int, max_bytes: int
+                ) -> list[dict[str, Any]]:  # fmt: skip
     """One try at reading and decoding a unit: its batches (uint8 numpy pixels). Raises on failure."""
-    src = parse_source(source_spec)
+    src = parse_source(source_spec, max_bytes)
     return list(UnitBatches({src.name: src}, [unit], spec, batch_size, max_pixels).read(0, unit))
 
 
@@ -105,7 +106,9 @@ def _drive(cfg: ScoreConfig, todo: list[Unit], input_spec: Any, result: ScoreRes
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 unit, attempt = queue.popleft()
-                chunks = decode.remote(specs[unit.source], unit, input_spec, cfg.batch_size, cfg.max_pixels)
+                chunks = decode.remote(
+                    specs[unit.source], unit, input_spec, cfg.batch_size, cfg.max_pixels, cfg.max_bytes
+                )
                 slot = turn % n_actors
                 turn += 1
                 pending[actors[slot].score_unit.remote(unit, chunks)] = (unit, attempt, slot)

@@ -1,4 +1,6 @@
-"""Relatedness scores from one forward pass (design §5), through forward hooks.
+"""The registry of relatedness scores (design §5): the pool's columns, the forward pass (curate/teacher.py),
+export's per-sample json, the report and `curate select --score` all derive from SCORES, so a new score
+is one entry here plus its computation in curate/teacher.py. No torch here: `curate sql` stays light.
 
 Every score is stored so that **higher means more related to the teacher's task**. The definitions
 below are written verbatim into pool.json. All are sample-free: they need no in-distribution sample.
@@ -6,145 +8,51 @@ below are written verbatim into pool.json. All are sample-free: they need no in-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-SCORES: dict[str, str] = {
-    "confidence": "max softmax probability, max_k p_k",
-    "margin": "difference of the two largest softmax probabilities, p_(1) - p_(2)",
-    "max_logit": "largest logit, max_k z_k",
-    "entropy": "negative normalised entropy of the softmax, -H(p)/log C, in [-1, 0]",
-    "energy": "negative free energy, logsumexp_k z_k",
-    "bn_score": (
-        "negative mean over BatchNorm layers of the RMS over channels of z_c = (m_c - running_mean_c) / "
-        "sqrt(running_var_c + eps), m_c the per-sample spatial mean of the layer's input; null without BatchNorm"
-    ),
-    "feat_norm": "L2 norm of the embedding fed to the final linear layer, ||h||",
-    "proj_score": "projection of that embedding on the predicted class's weight vector, h·w_pred / ||w_pred||",
-    "odin": "ODIN: max softmax at temperature T after one input step of size eps against the gradient "
-    "of the log max softmax (only with --odin)",
-}
 DIRECTION = "higher means more related to the teacher's task"
 
 
-def logit_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """pred, confidence, margin, max_logit, entropy, energy from float32 logits (N, C)."""
-    logits = logits.float()
-    c = logits.shape[1]
-    logp = F.log_softmax(logits, dim=1)
-    p = logp.exp()
-    top2 = p.topk(min(2, c), dim=1).values
-    margin = top2[:, 0] - top2[:, 1] if c > 1 else torch.ones_like(top2[:, 0])
-    entropy = -(p * logp).sum(1) / math.log(c) if c > 1 else torch.zeros_like(margin)
-    return {
-        "pred": logits.argmax(1),
-        "confidence": top2[:, 0],
-        "margin": margin,
-        "max_logit": logits.max(1).values,
-        "entropy": -entropy,
-        "energy": torch.logsumexp(logits, 1),
-    }
+@dataclass(frozen=True)
+class Score:
+    name: str
+    definition: str
+    origin: str  # logits | hooks | odin: where the value comes from in the forward pass
+    optional: bool = False  # computed only when asked for (--odin)
 
 
-def final_linear(model: nn.Module) -> nn.Linear | None:
-    """The classifier head: the last nn.Linear registered in the model."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last
+SCORES: dict[str, Score] = {
+    s.name: s
+    for s in (
+        Score("confidence", "max softmax probability, max_k p_k", "logits"),
+        Score("margin", "difference of the two largest softmax probabilities, p_(1) - p_(2)", "logits"),
+        Score("entropy", "negative normalised entropy of the softmax, -H(p)/log C, in [-1, 0]", "logits"),
+        Score("energy", "negative free energy, logsumexp_k z_k", "logits"),
+        Score("max_logit", "largest logit, max_k z_k", "logits"),
+        Score(
+            "bn_score",
+            "negative mean over BatchNorm layers of the RMS over channels of z_c = (m_c - "
+            "running_mean_c) / sqrt(running_var_c + eps), m_c the per-sample spatial mean of the layer's input; "
+            "null without BatchNorm",
+            "hooks",
+        ),  # fmt: skip
+        Score("feat_norm", "L2 norm of the embedding fed to the final linear layer, ||h||", "hooks"),
+        Score(
+            "proj_score",
+            "projection of that embedding on the predicted class's weight vector, h·w_pred / ||w_pred||",
+            "hooks",
+        ),  # fmt: skip
+        Score(
+            "odin",
+            "ODIN: max softmax at temperature T after one input step of size eps against the gradient "
+            "of the log max softmax (only with --odin)",
+            "odin",
+            optional=True,
+        ),  # fmt: skip
+    )
+}
 
 
-@dataclass
-class Forward:
-    logits: torch.Tensor
-    embedding: torch.Tensor
-    feat_norm: torch.Tensor | None
-    proj_score: torch.Tensor | None
-    bn_score: torch.Tensor | None
-
-
-class ScoringModel:
-    """Wraps a teacher: one call gives logits, embedding and the hook-based scores.
-
-    embed_layer 'auto' is the input of the final linear layer; any other value names a module
-    (dotted path) whose output, spatially averaged if 4-d, becomes the embedding. Scripted
-    teachers cannot carry hooks: their embedding is the logits and the hook scores are null."""
-
-    def __init__(self, model: nn.Module, embed_layer: str = "auto", scripted: bool = False) -> None:
-        self.model = model
-        self.head = None if scripted else final_linear(model)
-        self._feat: torch.Tensor | None = None
-        self._embed: torch.Tensor | None = None
-        self._bn: list[torch.Tensor] = []
-        self.hooks = []
-        self.has_bn = False
-        if scripted:
-            if embed_layer != "auto":
-                raise ValueError("a torchscript teacher cannot expose named layers; use --embed-layer auto")
-            return
-        if self.head is not None:
-            self.hooks.append(self.head.register_forward_pre_hook(self._capture_feat))
-        if embed_layer != "auto":
-            try:
-                module = model.get_submodule(embed_layer)
-            except AttributeError:
-                names = [n for n, _ in model.named_modules() if n][:12]
-                raise ValueError(f"no module {embed_layer!r} in the teacher; some names: {names}") from None
-            self.hooks.append(module.register_forward_hook(self._capture_embed))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
-                self.has_bn = True
-                self.hooks.append(m.register_forward_pre_hook(self._bn_hook))
-
-    def _capture_feat(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        self._feat = inputs[0]
-
-    def _capture_embed(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._embed = output
-
-    def _bn_hook(self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].float()
-        m = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
-        z = (m - module.running_mean.float()) / torch.sqrt(module.running_var.float() + module.eps)
-        self._bn.append(z.pow(2).mean(1).sqrt())
-
-    def __call__(self, x: torch.Tensor) -> Forward:
-        self._feat, self._embed, self._bn = None, None, []
-        logits = self.model(x).float()
-        feat = self._feat.float().flatten(1) if self._feat is not None else None
-        emb = self._embed
-        if emb is not None:
-            emb = emb.float()
-            emb = emb.mean(dim=tuple(range(2, emb.dim()))) if emb.dim() > 2 else emb.flatten(1)
-        elif feat is not None:
-            emb = feat
-        else:
-            emb = logits
-        feat_norm = proj = None
-        if feat is not None and self.head is not None:
-            feat_norm = feat.norm(dim=1)
-            w = self.head.weight.float()[logits.argmax(1)]
-            proj = (feat * w).sum(1) / w.norm(dim=1).clamp_min(1e-12)
-        bn = -torch.stack(self._bn, 0).mean(0) if self._bn else None
-        return Forward(logits, emb, feat_norm, proj, bn)
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-
-
-def odin_score(model: nn.Module, x: torch.Tensor, temperature: float = 1000.0, eps: float = 0.0014) -> torch.Tensor:
-    """ODIN (Liang et al. 2018): perturb the input to raise the tempered max softmax, then re-score."""
-    with torch.inference_mode(False), torch.enable_grad():
-        x = x.detach().clone().requires_grad_(True)
-        logits = model(x).float() / temperature
-        loss = -F.log_softmax(logits, 1).max(1).values.sum()
-        loss.backward()
-        x_adv = x - eps * x.grad.sign()
-        with torch.no_grad():
-            return F.softmax(model(x_adv).float() / temperature, 1).max(1).values
+def score_names(odin: bool = False) -> list[str]:
+    """The score columns a pool holds, in registry order."""
+    return [s.name for s in SCORES.values() if not s.optional or (s.name == "odin" and odin)]

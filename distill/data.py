@@ -1,9 +1,11 @@
 """Shards -> batches. The shard format (manifest.json + WebDataset tars) is all distill knows of curate.
 
 Pipeline (webdataset): shards split by rank (DDP) and by loader worker, shard order shuffled per epoch,
-a sample shuffle buffer, decode in the workers to uint8 C×S×S in the manifest's preprocessing, soft
-labels to float32 logits (top-K expanded: the leftover probability spread evenly over the other classes),
-`cls` to a label (-1 when absent), `weight` from the json. Normalisation happens on the device.
+a sample shuffle buffer, decode in the workers with kdcore.view (exactly the pixels `curate score` gave the
+teacher for the same bytes and preprocessing), soft labels to float32 logits (top-K expanded: the leftover
+probability spread evenly over the other classes), `cls` to a label (-1 when absent), `weight` and `pred`
+from the json. Normalisation happens on the device. Shards may live anywhere kdcore.storage reads: local,
+s3://, gs://, http(s)://, or pipe:COMMAND; they are streamed, never copied whole.
 """
 
 from __future__ import annotations
@@ -14,17 +16,16 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
-from PIL import Image
-from torchvision.transforms import functional as TF
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from distill.models import InputSpec, SpecError
+from kdcore import storage
+from kdcore.errors import UserError
+from kdcore.view import DecodeError, InputSpec, to_pixels
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -51,29 +52,37 @@ class Shards:
         return int(self.manifest.get("count") or sum(s["count"] for s in self.manifest.get("shards", [])))
 
 
-def open_shards(spec: str) -> Shards:
-    """A shard directory (its manifest.json) or a brace pattern of tars beside a manifest.json."""
-    path = Path(spec)
-    if path.is_dir():
-        mpath = path / "manifest.json"
-        if not mpath.is_file():
-            raise SpecError(f"{spec} has no manifest.json; export shards with 'curate export'")
-        manifest = json.loads(mpath.read_text())
-        urls = [str(path / s["name"]) for s in manifest["shards"]]
+def open_shards(spec: str, manifest: str | None = None, need_classes: bool = True) -> Shards:
+    """A shard directory (its manifest.json), or a brace pattern / glob of tar paths or URLs (pipe: too) with
+    `manifest` (default: the manifest.json beside the first tar)."""
+    if storage.scheme(spec) != "pipe" and "{" not in spec and "*" not in spec and storage.isdir(spec):
+        mpath = manifest or storage.join(spec, "manifest.json")
+        if not storage.isfile(mpath):
+            raise UserError(f"{spec} has no manifest.json; export shards with 'curate export'")
+        meta = storage.read_json(mpath, "manifest.json")
+        urls = [storage.join(spec, s["name"]) for s in meta.get("shards", [])]
     else:
-        urls = sorted(braceexpand(spec))
-        if not urls or not all(Path(u).is_file() for u in urls):
-            missing = next((u for u in urls if not Path(u).is_file()), spec)
-            raise SpecError(f"no shard at {missing}; give a shard directory or a brace pattern of existing tars")
-        mpath = Path(urls[0]).parent / "manifest.json"
-        if not mpath.is_file():
-            raise SpecError(f"no manifest.json beside {urls[0]}; the classes and preprocessing come from it")
-        manifest = json.loads(mpath.read_text())
-    if not manifest.get("classes"):
-        raise SpecError(f"the shards at {spec} have no classes (an unlabelled export without a teacher)")
+        urls = storage.expand(spec)
+        checkable = [u for u in urls if storage.scheme(u) not in ("pipe", "http", "https")]
+        missing = next((u for u in checkable if not storage.isfile(u)), None)
+        if not urls or missing:
+            raise UserError(f"no shard at {storage.redact(missing or spec)}; give a shard directory or a brace "
+                            "pattern of existing tars")  # fmt: skip
+        if manifest is None and storage.scheme(urls[0]) == "pipe":
+            raise UserError(f"pipe: shards need --manifest (the manifest.json 'curate export' wrote): {spec[:80]}")
+        mpath = manifest or storage.join(storage.parent(urls[0]), "manifest.json")
+        if not storage.exists(mpath):
+            raise UserError(f"no manifest.json beside {storage.redact(urls[0])}; the classes and preprocessing come "
+                            "from it (give --manifest)")  # fmt: skip
+        meta = storage.read_json(mpath, "manifest.json")
+    if not isinstance(meta, dict) or "input" not in meta:
+        raise UserError(f"{storage.redact(mpath)} is not a kdcurate shard manifest")
+    if need_classes and not meta.get("classes"):
+        raise UserError(f"the shards at {storage.redact(spec)} have no classes: they were exported without a "
+                        "teacher from a source without labels")  # fmt: skip
     if not urls:
-        raise SpecError(f"the shards at {spec} are empty")
-    return Shards(urls, manifest)
+        raise UserError(f"the shards at {storage.redact(spec)} are empty")
+    return Shards(urls, meta)
 
 
 def rank_shards(urls: list[str], rank: int, world: int, epoch: int, seed: int, shuffle: bool) -> list[str]:
@@ -83,7 +92,7 @@ def rank_shards(urls: list[str], rank: int, world: int, epoch: int, seed: int, s
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     if world > 1 and len(order) < world:
-        raise SpecError(f"{len(order)} shards cannot be split over {world} ranks; export with a smaller --shard-size")
+        raise UserError(f"{len(order)} shards cannot be split over {world} ranks; export with a smaller --shard-size")
     return order[rank::world]
 
 
@@ -91,12 +100,11 @@ def decode(sample: dict[str, Any], spec: InputSpec, num_classes: int, flip: bool
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_KEYS)})")
-    with Image.open(io.BytesIO(sample[key])) as img:
-        img = img.convert("L" if spec.channels == 1 else "RGB")
-        if img.size != (spec.size, spec.size):
-            img = TF.center_crop(TF.resize(img, spec.size, antialias=True), [spec.size, spec.size])
-        x = torch.from_numpy(np.asarray(img).copy())
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    try:
+        px, _, _ = to_pixels(sample[key], spec)
+    except DecodeError as e:
+        raise ValueError(f"sample {sample.get('__key__')}: {e}") from None
+    x = torch.from_numpy(px if px.flags.writeable else px.copy())
     if flip and random.random() < 0.5:
         x = x.flip(-1)
     meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -108,10 +116,12 @@ def decode(sample: dict[str, Any], spec: InputSpec, num_classes: int, flip: bool
             logits = expand_topk(vals, np.load(io.BytesIO(sample["topk.npy"])), meta["logsumexp"], num_classes)
         else:
             logits = torch.from_numpy(vals)
+    pred = meta.get("pred")
     return {
         "image": x,
         "logits": logits,
         "has_logits": has_logits,
+        "pred": int(pred) if pred is not None else (int(logits.argmax()) if has_logits else -1),
         "label": int(sample["cls"]) if "cls" in sample else -1,
         "weight": float(meta.get("weight", 1.0)),
     }
@@ -133,6 +143,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "image": torch.stack([s["image"] for s in samples]),
         "logits": torch.stack([s["logits"] for s in samples]),
         "has_logits": torch.tensor([s["has_logits"] for s in samples]),
+        "pred": torch.tensor([s["pred"] for s in samples], dtype=torch.long),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "weight": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
     }
@@ -145,6 +156,20 @@ def epoch_urls(urls: list[str], rank: int, world: int, seed: int, epochs: int | 
         for url in rank_shards(urls, rank, world, epoch, seed, shuffle=epochs is None):
             yield {"url": url}
         epoch += 1
+
+
+def open_streams(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset's url_opener through kdcore.storage: local files, object stores, http(s), pipe: commands."""
+    for sample in src:
+        try:
+            with storage.open_read(sample["url"]) as stream:
+                yield {**sample, "stream": stream}
+        except (OSError, UserError) as e:
+            raise OSError(f"cannot read shard {storage.redact(sample['url'])}: {e}") from None
+
+
+def tar_samples(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    return group_by_keys(tar_file_expander(open_streams(src)))
 
 
 def loader(
@@ -170,25 +195,17 @@ def loader(
     stages: list[Any] = [
         partial(epoch_urls, shards.urls, rank, world, seed, None if train else 1, epoch),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        tar_samples,
     ]
     if train and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000), seed=seed * 7919 + epoch))
     stages += [
-        wds.map(partial(decode, spec=spec or shards.input, num_classes=len(shards.classes), flip=flip and train)),
+        wds.map(partial(decode, spec=spec or shards.input, num_classes=len(shards.classes or []), flip=flip and train)),
         wds.batched(batch_size, collation_fn=collate, partial=not train),
     ]
     pipeline = wds.DataPipeline(_Source(stages[0]), *stages[1:])
-    return iter(
-        wds.WebLoader(
-            pipeline,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=pin_memory,
-            prefetch_factor=4 if workers else None,
-            persistent_workers=False,
-        )  # fmt: skip
-    )
+    return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                              prefetch_factor=4 if workers else None, persistent_workers=False))  # fmt: skip
 
 
 class _Source(torch.utils.data.IterableDataset):

@@ -9,7 +9,7 @@ AdamW with a cosine schedule from `lr`. The result is a new run directory with `
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +17,14 @@ import numpy as np
 import torch
 
 from distill.augment import AugmentConfig, augment
+from distill.config import FinetuneConfig
 from distill.data import loader, open_shards
 from distill.evaluate import evaluate_model
 from distill.metrics import write_json
-from distill.models import SpecError, load, save_checkpoint
+from distill.models import load, save_checkpoint
 from distill.train import FitConfig, fit_arrays
-
-
-@dataclass
-class FinetuneConfig:
-    run: str
-    data: str
-    out: str | None = None  # default RUN/finetune
-    per_class: int = 10
-    steps: int = 200
-    lr: float = 3e-4
-    batch_size: int = 64
-    crop: int = 2
-    flip: bool = False
-    freeze_bn: bool = True  # BatchNorm keeps the statistics it learned on the distillation set
-    eval: str | None = None
-    device: str = "auto"
-    seed: int = 0
+from kdcore.errors import UserError
+from kdcore.tensors import Normalize, resolve_device
 
 
 def labelled_subset(data: str, spec, num_classes: int, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +32,9 @@ def labelled_subset(data: str, spec, num_classes: int, per_class: int, seed: int
     in the student's preprocessing and their labels."""
     shards = open_shards(data)
     if not shards.manifest.get("labels"):
-        raise SpecError(f"{data} holds no true labels; export a labelled source ('?labels=dirs', idx labels, ...)")
+        raise UserError(f"{data} holds no true labels; export a labelled source ('?labels=dirs', idx labels, ...)")
     if len(shards.classes) != num_classes:
-        raise SpecError(f"{data} has {len(shards.classes)} classes, the student {num_classes}")
+        raise UserError(f"{data} has {len(shards.classes)} classes, the student {num_classes}")
     images, labels = [], []
     for batch in loader(shards, 512, train=False, workers=0, spec=spec):
         images.append(batch["image"])
@@ -61,18 +47,17 @@ def labelled_subset(data: str, spec, num_classes: int, per_class: int, seed: int
         keep.append(rng.permutation(members)[:per_class])
     idx = torch.from_numpy(np.sort(np.concatenate(keep)))
     if len(idx) == 0:
-        raise SpecError(f"{data} has no labelled samples of the student's classes")
+        raise UserError(f"{data} has no labelled samples of the student's classes")
     return x[idx], y[idx]
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     run = Path(cfg.run)
     out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "finetune"
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    device = resolve_device(cfg.device)
     student = load(cfg.run)
     if student.factory is None:
-        raise SpecError(f"{cfg.run} is not a student checkpoint with a factory; fine-tune a 'distill train' run")
+        raise UserError(f"{cfg.run} is not a student checkpoint with a factory; fine-tune a 'distill train' run")
     spec, classes = student.input, student.classes
     x, y = labelled_subset(cfg.data, spec, len(classes), cfg.per_class, cfg.seed)
     model = student.model.to(device)
@@ -80,13 +65,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"samples": len(y), "per_class": cfg.per_class, "out": str(out)}
     if eval_shards is not None:
         result["accuracy_before"] = evaluate_model(model, eval_shards, device, spec, workers=0)["accuracy"]
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    normalize = Normalize(spec, device)
     aug = AugmentConfig(crop=cfg.crop, flip=cfg.flip)
     torch.manual_seed(cfg.seed)
     fit = FitConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=5e-4, seed=cfg.seed)
     losses = fit_arrays(model, x.to(device), y.to(device), fit,
-                        view=lambda b: augment(b.float().div(255), aug)[0].sub(mean).div(std),
+                        view=lambda b: normalize(augment(b.float().div(255), aug)[0], scaled=True),
                         freeze_bn=cfg.freeze_bn)  # fmt: skip
     model.eval()
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ class-dropping, per-sample weights and the mean.
 Class-dropping (Wang et al. 2023): keep the teacher's top-K classes per sample, renormalise over them
 (the other classes get probability 0), which suppresses the label noise of out-of-domain samples.
 
-Terms that need the teacher's features (online mode), added to the batch loss with their own weights:
+Terms that need the teacher's features (online mode), added to the batch loss with their own weights; TERMS
+is their registry (name, the TrainConfig field holding the weight, the function), so the training loop,
+the metrics and the config checks all follow it:
 
     feature     FitNets (Romero et al. 2015): mean squared error between a learned projection of a student
                 layer and a teacher layer (1×1 conv for maps, linear for vectors; the larger map is pooled)
@@ -157,3 +159,43 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         t = _angles(teacher.flatten(1).float())
     return F.smooth_l1_loss(_angles(student.flatten(1).float()), t)
+
+
+@dataclass
+class Features:
+    """What a feature term compares, for one batch: the tapped student and teacher layers, the learned
+    projection between them, and both penultimate embeddings."""
+
+    student_layer: torch.Tensor | None
+    teacher_layer: torch.Tensor | None
+    projection: nn.Module | None
+    student_embedding: torch.Tensor
+    teacher_embedding: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str  # also its column in metrics.jsonl
+    weight: str  # the TrainConfig field holding its weight (0: off)
+    fn: Callable[[Features], torch.Tensor]
+    needs_projection: bool = False
+
+
+TERMS: dict[str, Term] = {
+    t.name: t
+    for t in (
+        Term(
+            "feature",
+            "feature_weight",
+            lambda f: feature_l2(f.student_layer.float(), f.teacher_layer, f.projection).mean(),
+            needs_projection=True,
+        ),
+        Term("rkd_distance", "rkd_distance", lambda f: rkd_distance(f.student_embedding, f.teacher_embedding)),
+        Term("rkd_angle", "rkd_angle", lambda f: rkd_angle(f.student_embedding, f.teacher_embedding)),
+    )
+}
+
+
+def active_terms(cfg: Any) -> dict[str, float]:
+    """name -> weight of the feature terms a config switches on."""
+    return {t.name: float(getattr(cfg, t.weight)) for t in TERMS.values() if getattr(cfg, t.weight) > 0}

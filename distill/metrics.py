@@ -1,21 +1,17 @@
-"""Run files: metrics.jsonl (one JSON object per line), curves.png, config.json, and the progress bar."""
+"""Run files: metrics.jsonl (one JSON object per line), curves.png, config.json."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from kdcore import storage
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    storage.write_json(str(path), obj, tag="train")
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -62,20 +58,3 @@ def plot_curves(metrics: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True, start: int = 0) -> Iterator[Callable]:
-    """advance(n, note) moves the bar; steps/s and samples/s show in the note the caller passes."""
-    if not enabled:
-        yield lambda n=1, note="": None
-        return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, completed=start, note="")
-
-        def advance(n: int = 1, note: str = "") -> None:
-            bar.update(task, advance=n, note=note)
-
-        yield advance

@@ -3,74 +3,41 @@
 `curate` imports this module (and only this one) from `distill`: a student written by `distill train`
 is the next teacher of `curate score`, so building and loading networks lives in exactly one place.
 
-Teacher specs (design §4):
+Teacher specs (design §4), one registered kind each (TEACHER_KINDS):
     torchvision:ARCH?num_classes=N&weights=PATH
     torchscript:PATH
-    python:MODULE:FACTORY?weights=PATH&KW=VALUE...
+    python:MODULE:FACTORY?weights=PATH&KW=VALUE...      user code, only ever from a spec the user typed
     PATH/TO/student.pt  or  a run directory holding student.pt
-Every form also takes the input preprocessing: size, channels (1|3), mean, std (comma lists).
+Every form also takes the input preprocessing (size, channels (1|3), mean, std: comma lists) and the
+class names (classes=a,b,c or classes=@FILE with one name per line).
+
+A checkpoint never names code to run: the factory it records must be on the allow-list (the zoo's
+constructors, torchvision's registered models); anything else is refused before any import.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import math
-from dataclasses import asdict, dataclass, field
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import torch
 from torch import nn
 
+from kdcore import storage
+from kdcore.errors import UserError
+from kdcore.specs import parse_value, split_options
+from kdcore.view import InputSpec
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_KEYS = ("size", "channels", "mean", "std")
-
-
-class SpecError(ValueError):
-    """A model spec or checkpoint the user gave cannot be used; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How an image becomes the network's input: resize the shorter side to `size`, centre-crop a
-    size×size square, convert to `channels`, scale to [0, 1], then (x - mean) / std per channel."""
-
-    size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str = "shorter-side+center-crop"
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise SpecError(f"channels must be 1 or 3, got {self.channels}")
-        if self.size < 4:
-            raise SpecError(f"size must be at least 4, got {self.size}")
-        for name in ("mean", "std"):
-            vals = getattr(self, name)
-            if len(vals) == 1 and self.channels == 3:
-                object.__setattr__(self, name, tuple(vals) * 3)
-            elif len(getattr(self, name)) != self.channels:
-                raise SpecError(f"{name} needs 1 or {self.channels} values, got {len(vals)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
-        return cls(
-            size=int(d["size"]),
-            channels=int(d["channels"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            resize=d.get("resize", "shorter-side+center-crop"),
-        )
-
 
 # ----------------------------------------------------------------------------------------- the zoo
 
@@ -134,14 +101,13 @@ def torchvision_model(arch: str, num_classes: int = 1000, in_channels: int = 3, 
     `in_channels` != 3 rebuilds the first convolution."""
     import torchvision
 
-    try:
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    except ValueError as e:
-        raise SpecError(f"unknown torchvision architecture {arch!r}: {e}") from None
+    if arch not in torchvision.models.list_models():
+        raise UserError(f"unknown torchvision architecture {arch!r}; e.g. resnet18, mobilenet_v3_small")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     first = _first_conv(model)
-    if first is not None and (in_channels != first[1].in_channels or (small_input and arch.startswith("resnet"))):
+    small = small_input and arch.startswith("resnet")
+    if first is not None and (in_channels != first[1].in_channels or small):
         name, conv = first
-        small = small_input and arch.startswith("resnet")
         new = nn.Conv2d(
             in_channels,
             conv.out_channels,
@@ -151,10 +117,17 @@ def torchvision_model(arch: str, num_classes: int = 1000, in_channels: int = 3, 
             bias=conv.bias is not None,
         )
         _set_module(model, name, new)
-    if small_input and arch.startswith("resnet"):
+    if small:
         model.maxpool = nn.Identity()
     return model
 
+
+# the constructors a checkpoint may name (nothing else is ever imported on a checkpoint's word)
+TRUSTED_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "distill.models:small_cnn": small_cnn,
+    "distill.models:mlp": mlp,
+    "distill.models:torchvision_model": torchvision_model,
+}
 
 # name -> (factory, kwargs); `distill train --student NAME` and pipelines refer to these names.
 ZOO: dict[str, tuple[str, dict[str, Any]]] = {
@@ -172,12 +145,29 @@ ZOO: dict[str, tuple[str, dict[str, Any]]] = {
 def build(name: str, num_classes: int, input_spec: InputSpec) -> tuple[nn.Module, str, dict[str, Any]]:
     """Build a zoo model by name for the given classes and input; returns (model, factory, kwargs)."""
     if name not in ZOO:
-        raise SpecError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}")
     factory, kwargs = ZOO[name]
     kwargs = {**kwargs, "num_classes": num_classes, "in_channels": input_spec.channels}
     if factory.endswith(":mlp"):
         kwargs["size"] = input_spec.size
-    return _call_factory(factory, kwargs), factory, kwargs
+    return _call(factory, trusted_factory(factory, "the zoo"), kwargs), factory, kwargs
+
+
+def trusted_factory(factory: str, origin: str) -> Callable[..., nn.Module]:
+    """The constructor a checkpoint names, from the allow-list only: the zoo's, or `torchvision.models:ARCH`."""
+    if factory in TRUSTED_FACTORIES:
+        return TRUSTED_FACTORIES[factory]
+    module, _, arch = factory.partition(":")
+    if module == "torchvision.models":
+        import torchvision
+
+        if arch in torchvision.models.list_models():
+            return lambda **kw: torchvision.models.get_model(arch, weights=None, **kw)
+    raise UserError(
+        f"{origin} names the factory {factory!r}, which is not an allowed model constructor (the zoo's, or "
+        "torchvision.models:ARCH); a checkpoint never runs code it names: to use your own model code, give "
+        "python:MODULE:FACTORY?weights=PATH"
+    )
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -193,20 +183,12 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint loadable with torch.load(weights_only=True): the state_dict and plain data
-    naming the factory that rebuilds the network. Written to a temporary name, then renamed."""
-    path = Path(path)
+    naming the (allow-listed) factory that rebuilds the network. Atomic."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ckpt = {
-        "state_dict": state,
-        "factory": factory,
-        "kwargs": kwargs,
-        "classes": list(classes),
-        "input": input_spec.to_dict(),
-        **(extra or {}),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    ckpt = {"state_dict": state, "factory": factory, "kwargs": kwargs, "classes": list(classes),
+            "input": input_spec.to_dict(), **(extra or {})}  # fmt: skip
+    with storage.atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 @dataclass
@@ -220,11 +202,13 @@ class LoadedModel:
     fingerprint: str  # sha256 over the state_dict's names, shapes, dtypes and bytes
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
-    scripted: bool = False
+    scripted: bool = False  # no named modules: hooks, embeddings and features are unavailable
+    files: list[str] = field(default_factory=list)  # every file the spec reads (pipelines fingerprint them)
+    notes: list[str] = field(default_factory=list)  # what was assumed (printed once by the caller)
 
     def describe(self) -> dict[str, Any]:
         return {
-            "spec": self.spec,
+            "spec": storage.redact(self.spec),
             "sha256": self.fingerprint,
             "classes": self.classes,
             "num_classes": len(self.classes),
@@ -244,137 +228,241 @@ def state_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------ teacher kinds
+
+
+@dataclass
+class Built:
+    """What a teacher kind produces before the common finishing (preprocessing, classes, fingerprint)."""
+
+    model: nn.Module
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    default_input: InputSpec | None = None
+    scripted: bool = False
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TeacherKind:
+    name: str
+    usage: str
+    build: Callable[[str, dict[str, str], str | None, dict[str, str]], Built]  # (location, opts, weights, pre)
+    files: Callable[[str], list[str]]  # the files the location names (without building anything)
+
+
+TEACHER_KINDS: dict[str, TeacherKind] = {}
+
+
+def register_kind(name: str, usage: str, files: Callable[[str], list[str]] = lambda location: []) -> Callable:
+    def add(fn: Callable[[str, dict[str, str], str | None, dict[str, str]], Built]) -> Callable:
+        TEACHER_KINDS[name] = TeacherKind(name, usage, fn, files)
+        return fn
+
+    return add
+
+
+@register_kind("torchvision", "torchvision:ARCH?num_classes=N&weights=PATH")
+def _torchvision(location: str, opts: dict[str, str], weights: str | None, pre: dict[str, str]) -> Built:
+    kwargs: dict[str, Any] = {"arch": location, **{k: parse_value(v) for k, v in opts.items()}}
+    if "in_channels" not in kwargs and "channels" in pre:
+        kwargs["in_channels"] = int(_number(pre["channels"], "channels"))
+    ckpt = _read_checkpoint(weights) if weights else None
+    if "num_classes" not in kwargs and ckpt is not None and ckpt.get("classes"):
+        kwargs["num_classes"] = len(ckpt["classes"])
+    factory = "distill.models:torchvision_model"
+    model = _call(factory, torchvision_model, kwargs)
+    channels = int(kwargs.get("in_channels", 3))
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
+    if ckpt is not None:
+        _load_state(model, ckpt, weights)
+    default = InputSpec(32 if kwargs.get("small_input") else 224, channels, mean, std)
+    return Built(model, factory, kwargs, ckpt, default, files=[weights] if weights else [])
+
+
+@register_kind("torchscript", "torchscript:PATH", files=lambda location: [location])
+def _torchscript(location: str, opts: dict[str, str], weights: str | None, pre: dict[str, str]) -> Built:
+    _no_options("torchscript", opts)
+    path = _existing(location, "torchscript file")
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise UserError(f"cannot load torchscript file {path}: {str(e).splitlines()[0]}") from None
+    return Built(model, scripted=True, files=[str(path)])
+
+
+@register_kind(
+    "python",
+    "python:MODULE:FACTORY?weights=PATH&KW=VALUE",
+    files=lambda location: [f for f in [_module_file(location.partition(":")[0])] if f],
+)
+def _python(location: str, opts: dict[str, str], weights: str | None, pre: dict[str, str]) -> Built:
+    module, sep, fn = location.partition(":")
+    if not sep or not module or not fn or ":" in fn:
+        raise UserError(f"python teacher spec must be python:MODULE:FACTORY, got python:{location!r}")
+    kwargs = {k: parse_value(v) for k, v in opts.items()}
+    try:
+        factory_fn = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot import factory {location!r}: {e}") from None
+    model = _call(location, factory_fn, kwargs)
+    ckpt = _read_checkpoint(weights) if weights else None
+    if ckpt is not None:
+        _load_state(model, ckpt, weights)
+    return Built(model, location, kwargs, ckpt, files=[p for p in (weights, _module_file(module)) if p])
+
+
+def _checkpoint(location: str, opts: dict[str, str], weights: str | None, pre: dict[str, str]) -> Built:
+    """A student.pt (or a run directory holding one) written by distill train / finetune."""
+    _no_options("a checkpoint", opts)
+    path = Path(location)
+    if path.is_dir():
+        path = path / "student.pt"
+    ckpt = _read_checkpoint(str(path))
+    if "factory" not in ckpt:
+        raise UserError(f"{path} has no 'factory' entry; load a bare state_dict with "
+                        "torchvision:ARCH?weights=PATH or python:MODULE:FACTORY?weights=PATH")  # fmt: skip
+    factory = str(ckpt["factory"])
+    kwargs = dict(ckpt.get("kwargs") or {})
+    if not all(isinstance(k, str) and isinstance(v, (int, float, str, bool, type(None))) for k, v in kwargs.items()):
+        raise UserError(f"{path}: the checkpoint's kwargs are not plain values")
+    model = _call(factory, trusted_factory(factory, f"checkpoint {path}"), kwargs)
+    _load_state(model, ckpt, str(path))
+    return Built(model, factory, kwargs, ckpt, files=[str(path)])
+
+
+def usage() -> str:
+    return ", ".join(k.usage for k in TEACHER_KINDS.values()) + ", or the path of a student.pt / run directory"
+
+
 def load(spec: str) -> LoadedModel:
     """Load any teacher spec (see module doc) in eval mode on the CPU."""
-    spec = spec.strip()
+    spec = (spec or "").strip()
     if not spec:
-        raise SpecError("empty teacher spec")
-    head, _, query = spec.partition("?")
-    try:
-        opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    except ValueError:
-        raise SpecError(f"cannot parse the options of teacher spec {spec!r}; use KEY=VALUE&KEY=VALUE") from None
+        raise UserError("empty teacher spec; use " + usage())
+    head, opts = split_options(spec, f"teacher spec {spec!r}")
     pre = {k: opts.pop(k) for k in PREPROCESS_KEYS if k in opts}
     weights = opts.pop("weights", None)
     classes = opts.pop("classes", None)
+    kind_name, sep, location = head.partition(":")
+    if sep and kind_name in TEACHER_KINDS:
+        built = TEACHER_KINDS[kind_name].build(location, opts, weights, pre)
+    elif Path(head).exists() or head.endswith((".pt", ".pth")):
+        if weights:
+            raise UserError(f"{head}: a checkpoint holds its weights; weights= is for the other spec kinds")
+        built = _checkpoint(head, opts, None, pre)
+    else:
+        raise UserError(f"unknown teacher spec {storage.redact(spec)!r}: use {usage()}")
+    return _finish(built, spec, pre, classes)
 
-    if head.startswith("torchvision:"):
-        arch = head.split(":", 1)[1]
-        kwargs: dict[str, Any] = {"arch": arch}
-        kwargs.update({k: _parse_value(v) for k, v in opts.items()})
-        ckpt = _read_checkpoint(weights) if weights else None
-        if "num_classes" not in kwargs and ckpt is not None and ckpt.get("classes"):
-            kwargs["num_classes"] = len(ckpt["classes"])
-        if "in_channels" not in kwargs and "channels" in pre:
-            kwargs["in_channels"] = int(pre["channels"])
-        factory = "distill.models:torchvision_model"
-        model = _call_factory(factory, kwargs)
-        channels = int(kwargs.get("in_channels", 3))
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
-        default_input = InputSpec(32 if kwargs.get("small_input") else 224, channels, mean, std)
-        if ckpt is not None:
-            _load_state(model, ckpt, weights)
-        return _finish(model, spec, factory, kwargs, ckpt, pre, classes, default_input)
 
-    if head.startswith("torchscript:"):
-        path = _existing(head.split(":", 1)[1], "torchscript file")
-        try:
-            model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - any failure here is a bad file
-            raise SpecError(f"cannot load torchscript file {path}: {str(e).splitlines()[0]}") from None
-        loaded = _finish(model, spec, None, {}, None, pre, classes, None)
-        loaded.scripted = True
-        return loaded
-
-    if head.startswith("python:"):
-        parts = head.split(":")
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise SpecError(f"python teacher spec must be python:MODULE:FACTORY, got {head!r}")
-        factory = f"{parts[1]}:{parts[2]}"
-        kwargs = {k: _parse_value(v) for k, v in opts.items()}
-        model = _call_factory(factory, kwargs)
-        ckpt = _read_checkpoint(weights) if weights else None
-        if ckpt is not None:
-            _load_state(model, ckpt, weights)
-        return _finish(model, spec, factory, kwargs, ckpt, pre, classes, None)
-
-    path = Path(head)
-    if path.is_dir():
-        path = path / "student.pt"
-    if path.suffix in (".pt", ".pth") or path.exists():
-        ckpt = _read_checkpoint(str(path))
-        if "factory" not in ckpt:
-            raise SpecError(
-                f"{path} has no 'factory' entry; load a bare state_dict with "
-                "torchvision:ARCH?weights=PATH or python:MODULE:FACTORY?weights=PATH"
-            )
-        kwargs = dict(ckpt.get("kwargs") or {})
-        model = _call_factory(ckpt["factory"], kwargs)
-        _load_state(model, ckpt, str(path))
-        return _finish(model, spec, ckpt["factory"], kwargs, ckpt, pre, classes, None)
-
-    raise SpecError(
-        f"unknown teacher spec {spec!r}: use torchvision:ARCH?..., torchscript:PATH, "
-        "python:MODULE:FACTORY?..., or the path of a student.pt / run directory"
-    )
+def spec_files(spec: str) -> list[str]:
+    """Every file a teacher spec reads (weights, TorchScript file, factory module, checkpoint, classes file),
+    for fingerprints that follow the teacher's content; read from the spec, nothing is built."""
+    head, opts = split_options(spec.strip(), f"teacher spec {spec!r}")
+    files = [opts["weights"]] if "weights" in opts else []
+    if opts.get("classes", "").startswith("@"):
+        files.append(opts["classes"][1:])
+    kind_name, sep, location = head.partition(":")
+    if sep and kind_name in TEACHER_KINDS:
+        files += TEACHER_KINDS[kind_name].files(location)
+    else:
+        files.append(str(Path(head) / "student.pt") if Path(head).is_dir() else head)
+    return [f for f in files if Path(f).is_file()]
 
 
 # -------------------------------------------------------------------------------------- internals
 
+_WARNED: set[str] = set()
 
-def _finish(
-    model: nn.Module,
-    spec: str,
-    factory: str | None,
-    kwargs: dict[str, Any],
-    ckpt: dict[str, Any] | None,
-    pre: dict[str, str],
-    classes_opt: str | None,
-    default_input: InputSpec | None,
-) -> LoadedModel:
+
+def _finish(built: Built, spec: str, pre: dict[str, str], classes_opt: str | None) -> LoadedModel:
+    model = built.model
     model.eval()
-    recorded = (ckpt or {}).get("input")
-    base = InputSpec.from_dict(recorded) if recorded else default_input
+    recorded = (built.checkpoint or {}).get("input")
+    base = InputSpec.from_dict(recorded) if recorded else built.default_input
     if base is None and not {"size", "channels"} <= set(pre):
-        raise SpecError(f"teacher {spec!r} records no input preprocessing: add size=N&channels=1|3 (and mean=, std=)")
-    size = int(pre.get("size", base.size if base else 0))
-    channels = int(pre.get("channels", base.channels if base else 0))
-    mean = _floats(pre["mean"]) if "mean" in pre else (base.mean if base else (0.5,) * channels)
-    std = _floats(pre["std"]) if "std" in pre else (base.std if base else (0.5,) * channels)
+        raise UserError(f"teacher {spec!r} records no input preprocessing: add size=N&channels=1|3 (and mean=, std=)")
+    size = int(_number(pre.get("size", base.size if base else 0), "size"))
+    channels = int(_number(pre.get("channels", base.channels if base else 0), "channels"))
+    mean = _floats(pre["mean"]) if "mean" in pre else (base.mean if base else None)
+    std = _floats(pre["std"]) if "std" in pre else (base.std if base else None)
     if base and channels != base.channels and "mean" not in pre:
-        mean, std = (mean[0],) * channels, (std[0],) * channels
+        mean, std = (base.mean[0],), (base.std[0],)
+    notes = []
+    if mean is None or std is None:
+        notes.append(
+            f"teacher {storage.redact(spec)} states no {'mean' if mean is None else 'std'}: using "
+            f"{'mean=0.5' if mean is None else ''}{'&' if mean is None and std is None else ''}"
+            f"{'std=0.5' if std is None else ''}; add mean=&std= to the spec if it was trained otherwise"
+        )
+        mean, std = mean or (0.5,), std or (0.5,)
     input_spec = InputSpec(size, channels, tuple(mean), tuple(std))
 
-    if classes_opt:
-        classes = [c for c in classes_opt.split(",") if c]
-    elif ckpt and ckpt.get("classes"):
-        classes = [str(c) for c in ckpt["classes"]]
-    else:
+    files = list(built.files)
+    recorded_classes = (built.checkpoint or {}).get("classes")
+    if recorded_classes and not classes_opt:
+        classes = [str(c) for c in recorded_classes]
+    else:  # the number of outputs decides: one forward of a blank image
         with torch.inference_mode():
-            out = model(torch.zeros(1, channels, size, size))
-        classes = [str(i) for i in range(out.shape[-1])]
-    return LoadedModel(model, spec, classes, input_spec, state_fingerprint(model), factory, kwargs)
+            try:
+                outputs = model(torch.zeros(1, channels, size, size)).shape[-1]
+            except Exception as e:  # noqa: BLE001 - a model that cannot take its own input spec is a user error
+                raise UserError(f"teacher {storage.redact(spec)} fails on a {channels}×{size}×{size} input: "
+                                f"{str(e).splitlines()[0][:200]}; check size= and channels=") from None  # fmt: skip
+        classes = _class_names(classes_opt, files) if classes_opt else [str(i) for i in range(outputs)]
+    if classes_opt and len(classes) != outputs:
+        raise UserError(f"teacher {storage.redact(spec)}: {len(classes)} class names for {outputs} outputs; "
+                        "give one name per output (classes=a,b,c or classes=@FILE, one per line)")  # fmt: skip
+    for note in notes:
+        if note not in _WARNED:
+            _WARNED.add(note)
+            print(f"warning: {note}", file=sys.stderr)
+    return LoadedModel(model, spec, classes, input_spec, state_fingerprint(model), built.factory, built.kwargs,
+                       built.scripted, files, notes)  # fmt: skip
 
 
-def _call_factory(factory: str, kwargs: dict[str, Any]) -> nn.Module:
-    mod_name, _, fn_name = factory.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise SpecError(f"cannot import factory {factory!r}: {e}") from None
+def _class_names(opt: str, files: list[str]) -> list[str]:
+    if opt.startswith("@"):
+        path = _existing(opt[1:], "classes file")
+        files.append(str(path))
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [c for c in opt.split(",") if c]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"class name {dup!r} appears twice in classes=")
+    return names
+
+
+def _call(name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = fn(**kwargs)
     except TypeError as e:
-        raise SpecError(f"factory {factory!r} does not accept {kwargs}: {e}") from None
+        raise UserError(f"factory {name!r} does not accept {kwargs}: {e}") from None
     if not isinstance(model, nn.Module):
-        raise SpecError(f"factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise UserError(f"factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _module_file(module: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec and spec.origin and spec.origin not in ("built-in", "frozen") else None
+
+
+def _no_options(kind: str, opts: dict[str, str]) -> None:
+    if opts:
+        raise UserError(f"{kind} takes no option {next(iter(opts))!r} (only size, channels, mean, std, classes)")
 
 
 def _existing(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise SpecError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     return p
 
 
@@ -383,24 +471,23 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling failures come in many types
-        raise SpecError(
-            f"cannot load {p} with weights_only=True ({str(e).splitlines()[0][:200]}); "
-            "save a state_dict or a checkpoint of plain data"
-        ) from None
+        raise UserError(f"cannot load {p} with weights_only=True ({str(e).splitlines()[0][:200]}); "
+                        "save a state_dict or a checkpoint of plain data") from None  # fmt: skip
     if not isinstance(obj, dict):
-        raise SpecError(f"{p} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+        raise UserError(f"{p} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     if "state_dict" not in obj:
         obj = {"state_dict": obj}
+    if not isinstance(obj["state_dict"], dict):
+        raise UserError(f"{p}: its state_dict is a {type(obj['state_dict']).__name__}, not a dict of tensors")
     return obj
 
 
 def _load_state(model: nn.Module, ckpt: dict[str, Any], path: str | None) -> None:
-    state = ckpt["state_dict"]
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt["state_dict"].items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
     if missing or unexpected or shape:
         parts = []
         if missing:
@@ -410,32 +497,25 @@ def _load_state(model: nn.Module, ckpt: dict[str, Any], path: str | None) -> Non
         if shape:
             k = shape[0]
             parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise SpecError(
-            f"checkpoint {path} does not fit the architecture ({'; '.join(parts)}); "
-            "check the architecture and num_classes options"
-        )
+        raise UserError(f"checkpoint {path} does not fit the architecture ({'; '.join(parts)}); "
+                        "check the architecture and num_classes options")  # fmt: skip
     model.load_state_dict(state)
 
 
-def _parse_value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+def _number(v: Any, name: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"teacher spec: {name}= needs a number, got {v!r}") from None
 
 
 def _floats(v: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in v.split(","))
     except ValueError:
-        raise SpecError(f"expected comma-separated numbers, got {v!r}") from None
+        raise UserError(f"expected comma-separated numbers, got {v!r}") from None
     if any(math.isnan(x) for x in vals):
-        raise SpecError(f"NaN in {v!r}")
+        raise UserError(f"NaN in {v!r}")
     return vals
 
 

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.models import InputSpec, SpecError, load
+from distill.models import load
+from kdcore.errors import UserError
+from kdcore.tensors import Normalize
+from kdcore.view import InputSpec
 
 
 class Tap:
@@ -25,14 +28,14 @@ class Tap:
         if layer == "auto":
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             if not linears:
-                raise SpecError(f"the {who} has no linear layer; name a layer for the feature terms")
+                raise UserError(f"the {who} has no linear layer; name a layer for the feature terms")
             self.handle = linears[-1].register_forward_pre_hook(self._take_input)
         else:
             try:
                 module = model.get_submodule(layer)
             except AttributeError:
                 names = ", ".join(n for n, _ in list(model.named_modules())[1:12])
-                raise SpecError(f"no layer {layer!r} in the {who}; some names: {names}") from None
+                raise UserError(f"no layer {layer!r} in the {who}; some names: {names}") from None
             self.handle = module.register_forward_hook(self._take_output)
 
     def _take_input(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -50,21 +53,22 @@ def to_view(x01: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     if x01.shape[-1] != spec.size or x01.shape[-2] != spec.size:
         x01 = F.interpolate(x01, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
     if x01.shape[1] != spec.channels:
-        x01 = x01.mean(1, keepdim=True) if spec.channels == 1 else x01.expand(-1, spec.channels, -1, -1)
-    mean = torch.tensor(spec.mean, device=x01.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x01.device).view(1, -1, 1, 1)
-    return ((x01 - mean) / std).contiguous(memory_format=torch.channels_last)
+        if spec.channels == 1:  # ITU-R 601-2 luma, as Pillow's convert("L") in the view
+            x01 = (x01 * torch.tensor([0.299, 0.587, 0.114], device=x01.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            x01 = x01.expand(-1, spec.channels, -1, -1)
+    return Normalize(spec, x01.device)(x01, scaled=True)
 
 
 class OnlineTeacher:
     def __init__(self, spec: str, device: torch.device, num_classes: int, layers: list[str] | None = None) -> None:
         loaded = load(spec)
         if len(loaded.classes) != num_classes:
-            raise SpecError(
+            raise UserError(
                 f"--teacher {spec} has {len(loaded.classes)} classes, the shards {num_classes}; they must agree"
             )
         if layers and loaded.scripted:
-            raise SpecError("feature and relational terms need a teacher with named layers, not a torchscript file")
+            raise UserError("feature and relational terms need a teacher with named layers, not a torchscript file")
         self.spec = loaded
         self.net = loaded.model.to(device).to(memory_format=torch.channels_last).eval()
         for p in self.net.parameters():

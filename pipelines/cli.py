@@ -1,13 +1,13 @@
-"""`pipeline`: run a batch job from one TOML spec."""
+"""`pipeline`: run a batch job from one TOML spec. The plan and the summary go to stdout, stage logs and
+progress bars to stderr."""
 
 from __future__ import annotations
 
-import typer
-from rich.console import Console
-from rich.table import Table
+import sys
 
-from curate.errors import run_app
-from distill.models import SpecError
+import typer
+
+from kdcore.errors import run_app
 
 app = typer.Typer(
     help="Run kdcurate batch jobs: teacher, score, index, select, export, eval, distill, report from one TOML spec.",
@@ -23,26 +23,34 @@ def _main() -> None:
     """Batch jobs from a TOML spec (see pipelines/demo.toml and pipelines/example.toml)."""
 
 
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 @app.command()
 def run(
     job: str = typer.Argument(..., help="The job spec (TOML)."),
     from_: str = typer.Option(None, "--from", help="Run this stage and every later one again."),
     force: bool = typer.Option(False, help="Run every stage again."),
-    dry_run: bool = typer.Option(False, help="Print what would run and why, run nothing."),
+    dry_run: bool = typer.Option(False, help="Check the spec and print what would run and why; run nothing."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run the job's stages in order. A stage is skipped when its parameters and inputs have not changed
     since it completed; a killed job continues where it stopped when run again.
 
     \b
-    Example:
+    Examples:
       pipeline run pipelines/demo.toml
+      pipeline run job.toml --dry-run
       pipeline run job.toml --from distill
     """
+    from rich.console import Console
+    from rich.table import Table
+
     from pipelines.run import run as run_job
 
     console = Console()
-    res = run_job(job, start=from_, force=force, dry_run=dry_run, show_progress=progress, log=console.print)
+    res = run_job(job, start=from_, force=force, dry_run=dry_run, show_progress=progress, log=_log)
     plan = Table(title=f"job {res.job.name} ({res.job.work})")
     for col in ("stage", "action", "why", "seconds"):
         plan.add_column(col, justify="right" if col == "seconds" else "left")
@@ -54,7 +62,7 @@ def run(
     summ = res.summary
     t = Table(title="summary")
     t.add_column("what")
-    t.add_column("value", justify="right")
+    t.add_column("value", justify="right", overflow="fold")
     for key in ("teacher_accuracy", "student_accuracy", "agreement"):
         if key in summ:
             t.add_row(key.replace("_", " "), f"{summ[key]:.4f}")
@@ -63,21 +71,41 @@ def run(
         t.add_row("selection", f"{sel['rows']:,} samples, H/log C {sel['rel_entropy']:.3f}")
         t.add_row("composition", ", ".join(f"{k} {v:,}" for k, v in sel["per_source"].items()))
         if "precision" in sel:
-            t.add_row(
-                "selection precision",
-                f"{sel['precision']:.3f} (task share of the pool {sel['task_share_of_pool']:.3f})",
-            )
+            t.add_row("selection precision",
+                      f"{sel['precision']:.3f} (task share of the pool {sel['task_share_of_pool']:.3f})")  # fmt: skip
     if "auroc" in summ:
         t.add_row("AUROC, task sources positive", ", ".join(f"{k} {v:.3f}" for k, v in summ["auroc"].items()))
     t.add_row("wall time per stage", ", ".join(f"{k} {v:.0f}s" for k, v in summ["seconds"].items()))
     console.print(t)
     for key in ("student", "report"):
         if key in summ:
-            console.print(f"{key}: {summ[key]}")
+            console.print(f"{key}: {summ[key]}", markup=False, highlight=False)
+
+
+@app.command()
+def keys(stage: str = typer.Argument(None, help="A stage (teacher, score, index, select, ...); all when left out.")
+         ) -> None:  # fmt: skip
+    """List the keys a job's table takes, with their TOML types and help (the stage command's options)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdcore.errors import UserError
+    from pipelines.run import SPECS, keys
+
+    if stage is not None and stage not in SPECS:
+        raise UserError(f"unknown stage {stage!r}; stages: {', '.join(SPECS)}")
+    console = Console()
+    for name in [stage] if stage else list(SPECS):
+        table = Table(title=f"[{name}]", title_justify="left")
+        for col in ("key", "type", "help"):
+            table.add_column(col, overflow="fold")
+        for key, types, help_text in keys(name):
+            table.add_row(key, types, help_text)
+        console.print(table, markup=False)
 
 
 def main() -> None:
-    run_app(app, SpecError)
+    run_app(app)
 
 
 if __name__ == "__main__":

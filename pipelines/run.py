@@ -1,16 +1,19 @@
 """`pipeline run JOB.toml`: every stage from one spec, cached by fingerprint, resumable.
 
-A job names its stages as TOML tables, with keys named like the CLI options (`per-class` or
-`per_class`): [teacher] (an existing `spec`, or a labelled `source` to train one with `distill train
---loss ce --labels true`), [score], [index], [select], [export], [distill], [eval], [report]. Each stage
-writes under the job's work directory; `STAGE/.stage.json` records the fingerprint of its parameters and
-of the stages it reads, and is written last. A stage whose fingerprint is unchanged is skipped; one that
-changed runs again, from scratch; one that was interrupted runs again with its own resume (units, shards,
-checkpoints).
+A job names its stages as TOML tables: [teacher] (an existing `spec`, or a labelled `source` to train one
+with `distill train --loss ce --labels true`), [score], [index], [select], [export], [eval] (a labelled
+`source` to evaluate on), [distill], [report]. A table's keys are the fields of the stage's config, the
+same options as its CLI command (`per-class` or `per_class`; `pipeline keys STAGE` lists them); the job
+supplies the paths between stages. Each stage writes under the job's work directory;
+`STAGE/.stage.json` records the fingerprint of its parameters and of what it reads (the stages before it,
+and the content of every file the teacher spec names), and is written last. A stage whose fingerprint is
+unchanged is skipped; one that changed runs again, from scratch; one that was interrupted runs again with
+its own resume (units, shards, checkpoints).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -23,32 +26,40 @@ from typing import Any
 
 import tomllib
 
-from curate.errors import UserError
-from curate.pool import write_json_atomic
+from curate.config import ExportConfig, IndexConfig, ReportConfig, ScoreConfig, SelectConfig
+from distill.config import TrainConfig
+from kdcore import storage
+from kdcore.errors import UserError
+from kdcore.options import from_table, toml_fields, toml_types
 
 STAGES = ("teacher", "score", "index", "select", "export", "eval", "distill", "report")
-INT, NUM, STR, BOOL = int, (int, float), str, bool  # the TOML types each key accepts
-TRAIN = {"student": STR, "steps": INT, "epochs": NUM, "batch_size": INT, "lr": NUM, "seed": INT}
-KEYS: dict[str, dict[str, Any]] = {  # stage -> key -> accepted TOML type(s)
-    "job": {"name": STR, "work": STR},
-    "teacher": {"spec": STR, "source": STR, **TRAIN},
-    "score": {"sources": list, "batch_size": INT, "workers": INT, "device": STR, "logits": STR, "embed_layer": STR,
-              "max_error_rate": NUM, "odin": BOOL, "retries": INT, "engine": STR, "ray_address": STR},
-    "index": {"kind": STR, "memory": STR, "per_source": BOOL},
-    "select": {"strategy": STR, "where": STR, "score": STR, "n": INT, "per_class": INT, "threshold": NUM,
-               "fraction": NUM, "temperature": NUM, "gamma": NUM, "replace": BOOL, "reference": (STR, list), "k": INT,
-               "nprobe": INT, "clusters": INT, "dedup": STR, "seed": INT},
-    "export": {"shard_size": INT, "soft_labels": STR, "workers": INT, "seed": INT},
-    "distill": {**TRAIN, "weight_decay": NUM, "optimizer": STR, "loss": STR, "temperature": NUM, "alpha": NUM,
-                "topk_classes": INT, "weights": BOOL, "eval_every": INT, "checkpoint_every": INT, "device": STR,
-                "workers": INT, "shuffle_buffer": INT, "flip": BOOL, "online": BOOL, "online_fraction": NUM,
-                "crop": INT, "randaugment": BOOL, "mixup": NUM, "cutmix": NUM, "feature_weight": NUM,
-                "feature_layers": STR, "rkd_distance": NUM, "rkd_angle": NUM},
-    "eval": {"source": STR},
-    "report": {"score": STR, "thumbs": INT},
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    config: type | None  # the config whose TOML fields are the table's keys
+    extra: dict[str, tuple[type, ...]] = field(default_factory=dict)  # keys of the job itself
+    help: dict[str, str] = field(default_factory=dict)
+    needs: str | None = None  # the stage this one reads
+    reads: tuple[str, ...] = ()  # the stages whose fingerprints feed this one's
+
+
+SPECS: dict[str, StageSpec] = {
+    "job": StageSpec(None, {"name": (str,), "work": (str,)},
+                     {"name": "the job's name", "work": "its work directory (default work/NAME)"}),
+    "teacher": StageSpec(TrainConfig, {"spec": (str,), "source": (str,)},
+                         {"spec": "an existing teacher (any teacher spec)",
+                          "source": "a labelled source to train the teacher on (supervised distill train)"}),
+    "score": StageSpec(ScoreConfig, needs=None, reads=("teacher",)),
+    "index": StageSpec(IndexConfig, needs="score", reads=("score",)),
+    "select": StageSpec(SelectConfig, needs="score", reads=("score", "index")),
+    "export": StageSpec(ExportConfig, needs="select", reads=("select",)),
+    "eval": StageSpec(None, {"source": (str, list)}, {"source": "labelled source(s) to evaluate on"}),
+    "distill": StageSpec(TrainConfig, {"online": (bool,)},
+                         {"online": "the job's teacher labels every augmented or mixed view"},
+                         needs="export", reads=("teacher", "export", "eval")),
+    "report": StageSpec(ReportConfig, needs="score", reads=("score", "select")),
 }  # fmt: skip
-REQUIRED = {"score": ("sources",), "select": ("strategy",), "eval": ("source",)}
-NEEDS = {"index": "score", "select": "score", "export": "select", "distill": "export", "report": "score"}
 
 
 @dataclass
@@ -56,7 +67,16 @@ class Job:
     path: Path
     name: str
     work: Path
-    stages: dict[str, dict[str, Any]]
+    stages: dict[str, dict[str, Any]]  # stage -> the table's values (normalised keys)
+    configs: dict[str, Any] = field(default_factory=dict)  # stage -> its config, built and checked
+
+    def url(self, *parts: str) -> str:
+        return str(self.work.joinpath(*parts))
+
+    @property
+    def teacher(self) -> str:
+        t = self.stages["teacher"]
+        return t["spec"] if "spec" in t else self.url("teacher", "run")
 
 
 @dataclass
@@ -78,47 +98,115 @@ class RunResult:
 
 
 def load_job(path: str) -> Job:
+    """Parse and check a job: every table and key known and typed, every stage's config built (so its
+    values are checked as the CLI checks them) before anything runs."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"no job spec at {path}")
+        raise UserError(f"no job spec at {path}" + (" (it is a directory)" if p.is_dir() else ""))
     text = p.read_text()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: {e}") from None
-    stages: dict[str, dict[str, Any]] = {}
+    tables: dict[str, dict[str, Any]] = {}
     for table, values in raw.items():
-        if table not in KEYS:
+        if table not in SPECS:
             raise UserError(f"{path} line {_line(text, table)}: unknown stage [{table}]; stages: {', '.join(STAGES)}")
         if not isinstance(values, dict):
             raise UserError(f"{path} line {_line(text, table)}: '{table}' must be a table, [{table}]")
-        norm = {}
-        for key, value in values.items():
-            k = key.replace("-", "_")
-            if k not in KEYS[table]:
-                raise UserError(f"{path} line {_line(text, key, table)}: unknown key '{key}' in [{table}]; "
-                                f"known: {', '.join(KEYS[table])}")  # fmt: skip
-            want = KEYS[table][k] if isinstance(KEYS[table][k], tuple) else (KEYS[table][k],)
-            if not isinstance(value, want) or (isinstance(value, bool) and BOOL not in want):
-                names = " or ".join(t.__name__ for t in want)
-                raise UserError(f"{path} line {_line(text, key, table)}: '{key}' in [{table}] must be {names}, "
-                                f"got {value!r}")  # fmt: skip
-            norm[k] = value
-        for key in REQUIRED.get(table, ()):
-            if key not in norm:
-                raise UserError(f"{path} line {_line(text, table)}: [{table}] needs '{key}'")
-        stages[table] = norm
-    job_opts = stages.pop("job", {})
-    if "teacher" not in stages or not (("spec" in stages["teacher"]) ^ ("source" in stages["teacher"])):
+        _check_extra(path, text, table, values)
+        tables[table] = values
+    job_opts = tables.pop("job", {})
+    if "teacher" not in tables or not (("spec" in tables["teacher"]) ^ ("source" in tables["teacher"])):
         raise UserError(f"{path} line {_line(text, 'teacher')}: [teacher] needs exactly one of 'spec' or 'source'")
-    for stage, needed in NEEDS.items():
-        if stage in stages and needed not in stages:
+    for stage in tables:
+        needed = SPECS[stage].needs
+        if needed and needed not in tables:
             raise UserError(f"{path} line {_line(text, stage)}: [{stage}] needs a [{needed}] stage")
-    if "distill" in stages and "export" not in stages:
-        raise UserError(f"{path}: [distill] needs [export]")
+    if "score" in tables and "sources" not in tables["score"]:
+        raise UserError(f"{path} line {_line(text, 'score')}: [score] needs 'sources'")
+    if "eval" in tables and "source" not in tables["eval"]:
+        raise UserError(f"{path} line {_line(text, 'eval')}: [eval] needs 'source'")
     name = job_opts.get("name", p.stem)
     work = Path(job_opts.get("work", f"work/{name}"))
-    return Job(p, name, work, stages)
+    if work.exists() and not work.is_dir():
+        raise UserError(f"{path}: work = {work} is a file; give a directory")
+    job = Job(p, name, work, {t: {k.replace("-", "_"): v for k, v in vals.items()} for t, vals in tables.items()})
+    for stage in tables:
+        job.configs[stage] = _build(job, stage, tables[stage], text)
+    return job
+
+
+def _check_extra(path: str, text: str, table: str, values: dict[str, Any]) -> None:
+    spec = SPECS[table]
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        if k in spec.extra:
+            want = spec.extra[k]
+            if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+                raise UserError(f"{path} line {_line(text, key, table)}: '{key}' in [{table}] must be "
+                                f"{' or '.join(t.__name__ for t in want)}, got {value!r}")  # fmt: skip
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise UserError(f"{path} line {_line(text, key, table)}: '{key}' must be a list of strings")
+        elif spec.config is None or k not in toml_fields(spec.config):
+            known = sorted(set(spec.extra) | ({f.name for f in toml_fields(spec.config).values()} if spec.config
+                                              else set()))  # fmt: skip
+            raise UserError(f"{path} line {_line(text, key, table)}: unknown key '{key}' in [{table}]; known: "
+                            f"{', '.join(known)}")  # fmt: skip
+
+
+def _build(job: Job, stage: str, table: dict[str, Any], text: str) -> Any:
+    """The stage's config from its table and the paths the job supplies (checked by the config itself)."""
+    spec = SPECS[stage]
+    values = {k: v for k, v in table.items() if k.replace("-", "_") not in spec.extra}
+    where = str(job.path)
+
+    def line(key: str) -> int:
+        return _line(text, key, stage)
+
+    def build(cls: type, vals: dict[str, Any], **fixed: Any) -> Any:
+        return from_table(cls, vals, where, stage, line, **fixed)
+
+    pool, sel = job.url("score", "pool"), job.url("select", "selection")
+    try:
+        if stage == "teacher":
+            if "spec" in job.stages[stage]:
+                return None
+            given = {k.replace("-", "_") for k in values}
+            values = {"steps": 1000, **values} if "epochs" not in given and "steps" not in given else values
+            supervised = {k: v for k, v in (("loss", "ce"), ("labels", "true")) if k not in given}
+            return build(
+                TrainConfig, values, shards=job.url("teacher", "shards"), out=job.url("teacher", "run"), **supervised
+            )
+        if stage == "score":
+            return build(ScoreConfig, values, teacher=job.teacher, pool=pool)
+        if stage == "index":
+            return build(IndexConfig, values, pool=pool)
+        if stage == "select":
+            return build(SelectConfig, values, pool=pool, out=sel)
+        if stage == "export":
+            return build(ExportConfig, values, out=job.url("export", "shards"), pool=pool, selection=sel)
+        if stage == "eval":
+            src = job.stages[stage]["source"]
+            return ExportConfig(out=job.url("eval", "shards"), sources=[src] if isinstance(src, str) else list(src))
+        if stage == "distill":
+            given = {k.replace("-", "_") for k in values}
+            values = {"steps": 1000, **values} if "epochs" not in given and "steps" not in given else values
+            fixed = {"teacher": job.teacher} if job.stages[stage].get("online") else {}
+            return build(
+                TrainConfig,
+                values,
+                shards=job.url("export", "shards"),
+                out=job.url("distill", "run"),
+                eval=job.url("eval", "shards") if "eval" in job.stages else None,
+                **fixed,
+            )
+        if stage == "report":
+            return build(ReportConfig, values, pool=pool, out=job.url("report", "report"),
+                         selection=sel if "select" in job.stages else None)  # fmt: skip
+    except TypeError as e:  # a value given twice (e.g. a key the job supplies)
+        raise UserError(f"{where} [{stage}]: {e}") from None
+    raise AssertionError(stage)
 
 
 def _line(text: str, key: str, table: str | None = None) -> int:
@@ -136,6 +224,18 @@ def _line(text: str, key: str, table: str | None = None) -> int:
     return start + 1
 
 
+def keys(stage: str) -> list[tuple[str, str, str]]:
+    """(key, TOML types, help) of a stage's table, for `pipeline keys`."""
+    spec = SPECS[stage]
+    out = [(k, " or ".join(t.__name__ for t in types), spec.help.get(k, "")) for k, types in spec.extra.items()]
+    if spec.config is not None:
+        for f in dataclasses.fields(spec.config):
+            if not f.metadata.get("toml_reason"):
+                types = " or ".join(t.__name__ for t in toml_types(spec.config, f))
+                out.append((f.name.replace("_", "-"), types, f.metadata.get("help", "")))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -143,9 +243,8 @@ def run(path: str, start: str | None = None, force: bool = False, dry_run: bool 
         show_progress: bool = True, log: Callable[[str], None] = print) -> RunResult:  # fmt: skip
     job = load_job(path)
     if start and start not in job.stages:
-        raise UserError(
-            f"--from {start}: the job has no such stage; it has {', '.join(s for s in STAGES if s in job.stages)}"
-        )
+        raise UserError(f"--from {start}: the job has no such stage; it has "
+                        f"{', '.join(s for s in STAGES if s in job.stages)}")  # fmt: skip
     job.work.mkdir(parents=True, exist_ok=True)
     result = RunResult(job)
     prints: dict[str, str] = {}
@@ -155,154 +254,124 @@ def run(path: str, start: str | None = None, force: bool = False, dry_run: bool 
             continue
         forced = forced or stage == start
         params = job.stages[stage]
-        upstream = {s: prints[s] for s in _reads(stage, job) if s in prints}
-        fp = _fingerprint(stage, params, upstream, job)
+        upstream = {s: prints[s] for s in SPECS[stage].reads if s in prints}
+        fp = fingerprint(stage, params, upstream, job)
         prints[stage] = fp
         marker = job.work / stage / ".stage.json"
-        old = json.loads(marker.read_text()) if marker.is_file() else {}
+        old = storage.read_json(str(marker), ".stage.json") if marker.is_file() else {}
         if not forced and old.get("fingerprint") == fp and old.get("complete"):
             result.stages.append(StageRun(stage, "skip", "unchanged since it completed"))
             continue
-        reason = "forced" if forced else ("parameters or inputs changed" if old.get("fingerprint") not in (None, fp)
+        changed = old.get("fingerprint") not in (None, fp)
+        reason = "forced" if forced else ("parameters or inputs changed" if changed
                                           else ("resuming" if old else "not run yet"))  # fmt: skip
         if dry_run:
             result.stages.append(StageRun(stage, "run", reason))
             continue
-        fresh = forced or old.get("fingerprint") not in (None, fp)
-        if fresh:
+        if forced or changed:
             shutil.rmtree(job.work / stage, ignore_errors=True)
         (job.work / stage).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, {"fingerprint": fp, "complete": False, "params": params})
+        storage.write_json(str(marker), {"fingerprint": fp, "complete": False, "params": params})
         log(f"[{stage}] {reason}")
         t0 = time.perf_counter()
-        info = RUNNERS[stage](job, params, show_progress)
+        cfg = job.configs[stage]
+        if cfg is not None and hasattr(cfg, "show_progress"):
+            cfg = dataclasses.replace(cfg, show_progress=show_progress)
+        info = RUNNERS[stage](job, cfg)
         seconds = time.perf_counter() - t0
-        write_json_atomic(marker, {"fingerprint": fp, "complete": True, "params": params, "seconds": seconds,
-                                   "info": info})  # fmt: skip
+        storage.write_json(str(marker), {"fingerprint": fp, "complete": True, "params": params, "seconds": seconds,
+                                         "info": info})  # fmt: skip
         result.stages.append(StageRun(stage, "run", reason, seconds))
     if not dry_run:
         result.summary = summarise(job)
     return result
 
 
-def _reads(stage: str, job: Job) -> list[str]:
-    return {
-        "score": ["teacher"], "index": ["score"], "select": ["score", "index"], "export": ["select"],
-        "distill": ["teacher", "export", "eval"], "report": ["score", "select"],
-    }.get(stage, [])  # fmt: skip
+def fingerprint(stage: str, params: dict, upstream: dict[str, str], job: Job) -> str:
+    """Hash of the stage's parameters, its upstream fingerprints, and for an existing teacher the content
+    of every file its spec reads (weights, TorchScript file, factory module, checkpoint, classes file)."""
+    h = hashlib.sha256(json.dumps({"stage": stage, "params": params, "upstream": upstream}, sort_keys=True,
+                                  default=str).encode())  # fmt: skip
+    if stage == "teacher" and "spec" in params:
+        from distill.models import spec_files
+
+        for f in spec_files(params["spec"]):
+            h.update(f.encode())
+            h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
 
 
-def _fingerprint(stage: str, params: dict, upstream: dict[str, str], job: Job) -> str:
-    blob = json.dumps({"stage": stage, "params": params, "upstream": upstream}, sort_keys=True, default=str)
-    if stage == "teacher" and "spec" in params:  # an existing teacher: its file is part of the input
-        f = Path(params["spec"].split("?")[0])
-        f = f / "student.pt" if f.is_dir() else f
-        if f.is_file():
-            blob += hashlib.sha256(f.read_bytes()).hexdigest()
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def teacher_spec(job: Job) -> str:
-    t = job.stages["teacher"]
-    return t["spec"] if "spec" in t else str(job.work / "teacher" / "run")
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ stages
 
 
-def _teacher(job: Job, p: dict, show: bool) -> dict:
-    if "spec" in p:
+def _teacher(job: Job, cfg: TrainConfig | None) -> dict:
+    if cfg is None:
         from distill import models
 
-        try:
-            return {"spec": p["spec"], "classes": len(models.load(p["spec"]).classes)}
-        except models.SpecError as e:
-            raise UserError(str(e)) from None
-    from curate.export import ExportConfig, export
-    from distill.train import TrainConfig, train
+        return {"spec": job.teacher, "classes": len(models.load(job.teacher).classes)}
+    from curate.export import export
+    from distill.train import train
 
-    d = job.work / "teacher"
-    export(ExportConfig(out=str(d / "shards"), sources=[p["source"]], shard_size=10_000, show_progress=show))
-    steps = p.get("steps") if "epochs" not in p else None
-    res = train(TrainConfig(shards=str(d / "shards"), out=str(d / "run"), student=p.get("student", "cnn-small"),
-                            steps=steps if steps or "epochs" in p else 1000, epochs=p.get("epochs"),
-                            batch_size=p.get("batch_size", 128), lr=p.get("lr", 3e-3), seed=p.get("seed", 0),
-                            loss="ce", labels="true", resume=(d / "run" / "checkpoint.pt").exists(),
-                            show_progress=show))  # fmt: skip
-    return {"spec": str(d / "run"), "steps": res.steps}
+    source = job.stages["teacher"]["source"]
+    export(ExportConfig(out=cfg.shards, sources=[source], shard_size=10_000, show_progress=cfg.show_progress))
+    res = train(dataclasses.replace(cfg, resume=Path(cfg.out, "checkpoint.pt").exists()))
+    return {"spec": cfg.out, "steps": res.steps}
 
 
-def _score(job: Job, p: dict, show: bool) -> dict:
-    from curate.score import ScoreConfig, score
+def _score(job: Job, cfg: ScoreConfig) -> dict:
+    from curate.score import score
 
-    opts = {k: v for k, v in p.items() if k != "sources"}
-    pool = str(job.work / "score" / "pool")
-    res = score(
-        ScoreConfig(teacher=teacher_spec(job), sources=list(p["sources"]), pool=pool, show_progress=show, **opts)
-    )
+    res = score(cfg)
     if res.error_rate_exceeded:
         raise UserError(f"error rate {res.error_rate:.2%} exceeds max_error_rate; see {res.pool}/errors/")
     return {"rows": res.rows, "error_rate": res.error_rate, "failed_units": [list(f) for f in res.failed_units]}
 
 
-def _index(job: Job, p: dict, show: bool) -> dict:
+def _index(job: Job, cfg: IndexConfig) -> dict:
     from curate.index import index
 
-    res = index(str(job.work / "score" / "pool"), show_progress=show, **p)
+    res = index(cfg)
     return {"kind": res.kind, "recall_at_10": res.recall_at_10}
 
 
-def _select(job: Job, p: dict, show: bool) -> dict:
-    from curate.select import SelectConfig, select
+def _select(job: Job, cfg: SelectConfig) -> dict:
+    from curate.select import select
 
-    p = dict(p)
-    refs = p.pop("reference", [])
-    res = select(SelectConfig(pool=str(job.work / "score" / "pool"), out=str(job.work / "select" / "selection"),
-                              references=[refs] if isinstance(refs, str) else list(refs), **p))  # fmt: skip
+    res = select(cfg)
     return {"rows": res.rows, "per_source": res.per_source, "rel_entropy": res.rel_entropy}
 
 
-def _export(job: Job, p: dict, show: bool) -> dict:
-    from curate.export import ExportConfig, export
+def _export(job: Job, cfg: ExportConfig) -> dict:
+    from curate.export import export
 
-    res = export(ExportConfig(out=str(job.work / "export" / "shards"), pool=str(job.work / "score" / "pool"),
-                              selection=str(job.work / "select" / "selection"), show_progress=show, **p))  # fmt: skip
+    res = export(cfg)
     return {"samples": res.samples, "shards": res.shards, "errors": res.errors}
 
 
-def _eval(job: Job, p: dict, show: bool) -> dict:
-    from curate.export import ExportConfig, export
+def _distill(job: Job, cfg: TrainConfig) -> dict:
+    from distill.train import train
 
-    res = export(ExportConfig(out=str(job.work / "eval" / "shards"), sources=[p["source"]], shard_size=10_000,
-                              show_progress=show))  # fmt: skip
-    return {"samples": res.samples}
-
-
-def _distill(job: Job, p: dict, show: bool) -> dict:
-    from distill.train import TrainConfig, train
-
-    run_dir = job.work / "distill" / "run"
-    p = {"steps": 1000, **p} if "epochs" not in p else dict(p)
-    if p.pop("online", False):  # the job's teacher labels every augmented or mixed view
-        p["teacher"] = teacher_spec(job)
-    res = train(TrainConfig(shards=str(job.work / "export" / "shards"), out=str(run_dir),
-                            eval=str(job.work / "eval" / "shards") if "eval" in job.stages else None,
-                            resume=(run_dir / "checkpoint.pt").exists(), show_progress=show, **p))  # fmt: skip
+    res = train(dataclasses.replace(cfg, resume=Path(cfg.out, "checkpoint.pt").exists()))
     return {"steps": res.steps, **res.final}
 
 
-def _report(job: Job, p: dict, show: bool) -> dict:
+def _report(job: Job, cfg: ReportConfig) -> dict:
     from curate.report import report
 
-    sel = job.work / "select" / "selection"
-    res = report(str(job.work / "score" / "pool"), str(job.work / "report" / "report"),
-                 selection=str(sel) if "select" in job.stages else None, **p)  # fmt: skip
-    return {"html": res.html}
+    return {"html": report(cfg).html}
 
 
-RUNNERS: dict[str, Callable[[Job, dict, bool], dict]] = {
+RUNNERS: dict[str, Callable[[Job, Any], dict]] = {
     "teacher": _teacher, "score": _score, "index": _index, "select": _select, "export": _export,
-    "distill": _distill, "eval": _eval, "report": _report,
+    "distill": _distill, "eval": _export, "report": _report,
 }  # fmt: skip
 
 
@@ -324,8 +393,7 @@ def summarise(job: Job) -> dict[str, Any]:
     if "eval" in job.stages and (job.work / "eval" / "shards" / "manifest.json").is_file():
         from distill.evaluate import compare
 
-        out.update(compare(teacher_spec(job), str(student) if student.is_file() else None,
-                           str(job.work / "eval" / "shards")))  # fmt: skip
+        out.update(compare(job.teacher, str(student) if student.is_file() else None, job.url("eval", "shards")))
     rep = job.work / "report" / "report"
     if (rep / "report.json").is_file():
         info = json.loads((rep / "report.json").read_text())
@@ -338,5 +406,5 @@ def summarise(job: Job) -> dict[str, Any]:
     if student.is_file():
         out["student"] = str(student)
     if "eval" in job.stages:
-        write_json_atomic(job.work / "eval" / "eval.json", out)
+        storage.write_json(job.url("eval", "eval.json"), out)
     return out

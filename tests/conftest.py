@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curate.generated import _digits
-from curate.score import ScoreConfig, score
+from curate.config import ScoreConfig
+from curate.score import score
+from curate.sources.builtin import digits as load_digits
 from distill import models
 from distill.train import FitConfig, fit_arrays, to_input
 
@@ -27,7 +28,7 @@ def train_digits_teacher(
     """Train on digits[:1500]. With outlier exposure (Hendrycks et al. 2019) every step also pushes the
     softmax on a batch of uniform noise towards uniform, so the teacher is unsure on noise; without it
     a ReLU network is typically *confidently* wrong there (Hein et al. 2019)."""
-    x, y = _digits()
+    x, y = load_digits()
     torch.manual_seed(seed)
     model, factory, kwargs = models.build(name, 10, DIGITS_SPEC)
     xt, yt = to_input(x[:1500], DIGITS_SPEC), torch.from_numpy(y[:1500])

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.compact import compact
+from curate.config import CompactConfig, IndexConfig, ScoreConfig
 from curate.index import index
 from curate.pool import Pool
 from curate.query import connect
-from curate.score import ScoreConfig, score
+from curate.score import score
 from tests.conftest import run_cli
 
 SOURCES = ["noise=synthetic:noise?n=1000&size=8&unit=50", "digits=builtin:digits?start=1500&unit=100"]
@@ -40,15 +41,15 @@ def test_compact_merges_parts_and_every_reader_sees_the_same_rows(small_units):
     assert "23 files -> 5" in proc.stdout  # 20 noise parts -> 4 files, 3 digits parts (297 rows) -> 1
     noise = root / "samples" / "source=noise"
     assert not list(noise.glob("unit-*.parquet")) and len(list(noise.glob("compact-*.parquet"))) == 4
-    manifest = json.loads((noise / "compact-000001.json").read_text())
+    manifest = json.loads((root / "units" / "source=noise" / "compact-000001.json").read_text())
     assert manifest["units"] == [f"{i:06d}" for i in range(6)] and manifest["rows"] == 300
     meta = pq.read_metadata(noise / "compact-000001.parquet")
     assert meta.num_rows == 300 and meta.num_row_groups == 3  # 128 + 128 + 44
     assert snapshot(root) == before
     assert {s: Pool(root).done_units(s) for s in ("noise", "digits")} == done  # markers kept
     assert score(cfg).rows == 0  # nothing to redo
-    assert index(str(root), show_progress=False).rows == 1297
-    again = compact(str(root), target_rows=300, show_progress=False)
+    assert index(IndexConfig(str(root), show_progress=False)).rows == 1297
+    again = compact(CompactConfig(str(root), target_rows=300, show_progress=False))
     assert again.units_merged == 0 and again.files_after == 5
 
 
@@ -58,17 +59,17 @@ def test_a_compaction_killed_at_any_step_loses_and_duplicates_nothing(small_unit
     noise = root / "samples" / "source=noise"
     saved = noise.parent.parent.parent / "saved"
     shutil.copytree(noise, saved)
-    compact(str(root), target_rows=300, show_progress=False)
+    compact(CompactConfig(str(root), target_rows=300, show_progress=False))
     # killed after writing compact file 1 but before its manifest: a compact file no manifest vouches for
     shutil.copy(noise / "compact-000001.parquet", noise / "compact-000009.parquet")
-    (noise / "compact-000010.parquet.tmp").write_bytes(b"half a file")
+    (noise / ".compact-000010.parquet.compact.tmp").write_bytes(b"half a file")
     # killed after the manifest but before deleting the parts: the parts are back
     for p in saved.glob("unit-00000[0-5].parquet"):
         shutil.copy(p, noise / p.name)
     assert snapshot(root) == before  # readers see every row once
     con = duckdb.connect()
     assert con.sql(f"SELECT count(*) FROM read_parquet('{noise}/*.parquet')").fetchall()[0][0] > 1000  # raw glob: dups
-    res = compact(str(root), target_rows=300, show_progress=False)
+    res = compact(CompactConfig(str(root), target_rows=300, show_progress=False))
     assert res.units_merged == 0
     assert not (noise / "compact-000009.parquet").exists() and not list(noise.glob("*.tmp"))
     assert not list(noise.glob("unit-*.parquet")) and snapshot(root) == before

@@ -13,10 +13,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.export import ExportConfig, export
+from curate.config import ExportConfig, ScoreConfig, SelectConfig
+from curate.export import export
 from curate.query import connect
-from curate.score import ScoreConfig, score
-from curate.select import SelectConfig, select
+from curate.score import score
+from curate.select import select
 from tests.conftest import run_cli
 
 
@@ -102,7 +103,7 @@ def test_original_bytes_kept_and_resume_skips_complete_shards(teacher, tmp_path)
     before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
     # a run killed mid-shard: one marker gone, a temporary left behind
     (out / "shard-000003.json").unlink()
-    (out / "shard-000003.tar").rename(out / "shard-000003.tar.tmp")
+    (out / "shard-000003.tar").rename(out / ".shard-000003.tar.export.tmp")
     second = export(cfg)
     assert second.shards_skipped == 4 and second.samples == first.samples
     assert not list(out.glob("*.tmp"))
@@ -137,9 +138,9 @@ def test_labelled_source_export_without_teacher(tmp_path):
     res = export(ExportConfig(out=str(out), sources=["d=builtin:digits?stop=300&unit=50"], shard_size=100,
                               show_progress=False))  # fmt: skip
     assert res.samples == 300 and res.shards == 3
-    from curate.generated import _digits
+    from curate.sources.builtin import digits as load_digits
 
-    x, y = _digits()
+    x, y = load_digits()
     samples = read_plain(out)
     for s in samples.values():
         i = int(json.loads(s["json"])["sample_id"].split("/")[1])

@@ -7,9 +7,10 @@ import json
 import faiss
 import numpy as np
 
+from curate.config import IndexConfig, ScoreConfig
 from curate.index import embedding_batches, index
 from curate.pool import Pool
-from curate.score import ScoreConfig, score
+from curate.score import score
 from tests.conftest import run_cli, start_cli
 
 
@@ -17,7 +18,7 @@ def test_per_source_sub_indexes_merge_into_the_same_index_and_are_reused(teacher
     root = tmp_path / "pool"
     base = ["noise=synthetic:noise?n=800&size=8&unit=400", "glyphs=synthetic:glyphs?n=400"]
     score(ScoreConfig(str(teacher), base, str(root), show_progress=False))
-    res = index(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False)
+    res = index(IndexConfig(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False))
     assert res.rows == 1200
     subs = root / "index" / "sources"
     assert {p.name for p in subs.glob("*.faiss")} == {"noise.faiss", "glyphs.faiss"}
@@ -37,7 +38,7 @@ def test_per_source_sub_indexes_merge_into_the_same_index_and_are_reused(teacher
     # a new source: only its sub-index is built, the others are read back as they were
     stamps = {p.name: p.stat().st_mtime_ns for p in subs.glob("*.faiss")}
     score(ScoreConfig(str(teacher), [*base, "digits=builtin:digits?start=1500"], str(root), show_progress=False))
-    res = index(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False)
+    res = index(IndexConfig(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False))
     info = json.loads((root / "index" / "embeddings.json").read_text())
     assert res.rows == 1200 + 297 and info["sub_indexes_reused"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in subs.glob("*.faiss") if p.name in stamps} == stamps
@@ -69,7 +70,7 @@ def test_sources_split_across_processes_then_one_merge(teacher, tmp_path):
     assert {p.name for p in subs.glob("*.faiss")} == {"noise.faiss", "glyphs.faiss", "digits.faiss"}
     assert not (root / "index" / "embeddings.faiss").exists()  # nothing merged yet
 
-    res = index(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False)
+    res = index(IndexConfig(str(root), kind="ivf-pq", memory="64MB", per_source=True, show_progress=False))
     info = json.loads((root / "index" / "embeddings.json").read_text())
     assert info["sub_indexes_reused"] == 3 and res.rows == 600 + 400 + 297
     merged = faiss.read_index(str(root / "index" / "embeddings.faiss"))

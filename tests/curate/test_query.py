@@ -11,8 +11,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from curate.errors import UserError
+from curate.config import SqlConfig
 from curate.query import connect, sql
+from kdcore.errors import UserError
 from tests.conftest import run_cli
 
 
@@ -56,23 +57,23 @@ def test_outputs_csv_json_parquet_and_the_pool_is_untouched(pool, tmp_path, caps
         )
         .fetchone()[0]
     )
-    assert sql(str(pool), q, format="parquet", out=str(tmp_path / "r.parquet")) == expected
+    assert sql(SqlConfig(str(pool), q, format="parquet", out=str(tmp_path / "r.parquet"))) == expected
     assert pq.read_table(tmp_path / "r.parquet").num_rows == expected
-    assert sql(str(pool), q, format="csv") == expected
+    assert sql(SqlConfig(str(pool), q, format="csv")) == expected
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0] == ["uid", "source", "confidence"] and len(rows) == expected + 1
-    sql(str(pool), q + " LIMIT 3", format="json")
+    sql(SqlConfig(str(pool), q + " LIMIT 3", format="json"))
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and set(json.loads(lines[0])) == {"uid", "source", "confidence"}
     assert snapshot(pool) == before
     with pytest.raises(UserError, match="inside the pool"):
-        sql(str(pool), q, format="parquet", out=str(pool / "x.parquet"))
+        sql(SqlConfig(str(pool), q, format="parquet", out=str(pool / "x.parquet")))
 
 
 def test_table_output_truncates_wide_lists(pool):
     proc = run_cli("curate", "sql", str(pool), "SELECT logits, embedding FROM samples", "--limit", "2")
     assert proc.returncode == 0, proc.stderr
-    assert "…] (10)" in proc.stdout and "…] (32)" in proc.stdout and "first 2 rows shown" in proc.stdout
+    assert "…] (10)" in proc.stdout and "…] (32)" in proc.stdout and "first 2 rows shown" in proc.stderr
 
 
 @pytest.mark.parametrize("query", ["SELECT nope FROM samples", "SELEKT 1", "SELECT * FROM missing_table"])

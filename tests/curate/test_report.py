@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curate.config import ReportConfig, SelectConfig
 from curate.query import connect
 from curate.report import report
-from curate.select import SelectConfig, select
+from curate.select import select
 from tests.conftest import auroc, run_cli
 
 
@@ -19,7 +20,7 @@ from tests.conftest import auroc, run_cli
 def made(pool, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     select(SelectConfig(pool=str(pool), out=str(root / "sel"), strategy="top-per-class", per_class=12))
-    res = report(str(pool), str(root / "rep"), selection=str(root / "sel"), thumbs=6)
+    res = report(ReportConfig(str(pool), str(root / "rep"), selection=str(root / "sel"), thumbs=6))
     return root, res
 
 

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.generated import _digits
+from curate.config import IndexConfig, ScoreConfig
 from curate.index import choose_kind, index
 from curate.pool import Pool
-from curate.score import ScoreConfig, score
+from curate.score import score
 from curate.sources import content_hash, uid_of
+from curate.sources.builtin import digits as load_digits
 from tests.conftest import ROOT, auroc, run_cli
 
 SAMPLES = "read_parquet('{pool}/samples/*/*.parquet', hive_partitioning=1)"
@@ -33,17 +34,29 @@ def test_pool_layout_columns_and_conventions(pool):
     assert all("higher means more related" in s["direction"] for s in meta["scores"].values())
     assert meta["embedding"]["dim"] == 32 and meta["input"]["size"] == 8
     parts = sorted((pool / "samples" / "source=digits").glob("unit-*.parquet"))
-    assert len(parts) == 3 and all(p.with_name(p.stem + ".done.json").exists() for p in parts)
+    records = pool / "units" / "source=digits"
+    assert len(parts) == 3 and all((records / f"{p.stem}.json").exists() for p in parts)
+    assert not [p for p in (pool / "samples").rglob("*") if p.is_file() and p.suffix != ".parquet"]
     assert pq.read_metadata(parts[0]).row_group(0).column(0).compression == "ZSTD"
     t = pq.read_table(parts[0])
-    assert "source" not in t.column_names  # it is the hive partition
+    assert t.column("source").to_pylist() == ["digits"] * t.num_rows  # also the hive partition
     row = t.slice(0, 1).to_pylist()[0]
     assert row["sample_id"] == "digits/1500" and row["uid"] == uid_of("digits/1500")
-    x, y = _digits()
+    x, y = load_digits()
     assert row["content_hash"] == content_hash(x[1500]) and row["label"] == y[1500]
     assert len(row["logits"]) == 10 and len(row["embedding"]) == 32
     assert row["pred"] == int(np.argmax(row["logits"]))
     assert (row["width"], row["height"]) == (8, 8)
+
+
+def test_generic_readers_read_the_pool_as_it_is(pool):
+    """pyarrow datasets (hive or not) see only Parquet under samples/, with the source column."""
+    import pyarrow.dataset as ds
+
+    hive = ds.dataset(pool / "samples", partitioning="hive").to_table(columns=["uid", "source"])
+    plain = ds.dataset(pool / "samples", format="parquet").to_table(columns=["uid", "source"])
+    assert hive.num_rows == plain.num_rows == 997
+    assert sorted(set(plain.column("source").to_pylist())) == ["digits", "glyphs", "leaves", "noise"]
 
 
 def test_duckdb_reads_the_pool_with_hive_partitioning(pool):
@@ -99,7 +112,7 @@ def test_rerun_skips_done_units(pool, teacher):
 
 
 def test_faiss_index_returns_each_sample_as_its_own_neighbour(pool):
-    res = index(str(pool), show_progress=False)
+    res = index(IndexConfig(str(pool), show_progress=False))
     assert res.kind == "flat" and res.rows == 997 and res.recall_at_10 > 0.99
     idx = faiss.read_index(str(pool / "index" / "embeddings.faiss"))
     t = duckdb.sql(f"SELECT uid, embedding FROM {SAMPLES} WHERE source='digits' LIMIT 50".format(pool=pool))
@@ -120,7 +133,7 @@ def test_ivf_pq_index_under_a_small_budget(teacher, tmp_path):
     )
     assert choose_kind(3000, 32, 4 * 2**30, "auto")[0] == "flat"
     assert choose_kind(3000, 32, 200_000, "auto")[0] == "ivf-pq"
-    res = index(str(tmp_path), memory="200KB", show_progress=False)
+    res = index(IndexConfig(str(tmp_path), memory="200KB", show_progress=False))
     assert res.kind == "ivf-pq" and res.factory.startswith("IVF") and 0.3 < res.recall_at_10 <= 1.0
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from curate.scores import ScoringModel, logit_scores, odin_score
+from curate.teacher import ScoringModel, logit_scores, odin_score
 
 
 def test_logit_scores_by_hand():
@@ -56,14 +56,14 @@ def test_hook_scores_by_hand():
     with torch.inference_mode():
         out = ScoringModel(model)(x)
     # BN: z = ((3-1)/2, (1+1)/1) = (1, 2); bn input per-sample mean is x itself (1-d)
-    assert out.bn_score.item() == pytest.approx(-math.sqrt((1 + 4) / 2))
+    assert out.hook_scores["bn_score"].item() == pytest.approx(-math.sqrt((1 + 4) / 2))
     h = torch.tensor([1.0, 2.0])  # BN output = input of the final linear
     assert out.embedding[0].tolist() == pytest.approx(h.tolist())
-    assert out.feat_norm.item() == pytest.approx(math.sqrt(5))
+    assert out.hook_scores["feat_norm"].item() == pytest.approx(math.sqrt(5))
     logits = [3 * 1 + 4 * 2, 1.0]
     assert out.logits[0].tolist() == pytest.approx(logits)
     # pred = class 0, w = (3, 4): projection h·w/|w| = 11/5
-    assert out.proj_score.item() == pytest.approx(11 / 5)
+    assert out.hook_scores["proj_score"].item() == pytest.approx(11 / 5)
 
 
 def test_bn_score_grows_with_deviation_from_running_stats():
@@ -72,8 +72,8 @@ def test_bn_score_grows_with_deviation_from_running_stats():
     far = torch.tensor([[9.0, 5.0]])
     with torch.inference_mode():
         s = ScoringModel(model)
-        assert s(near).bn_score.item() == pytest.approx(0.0)
-        assert s(far).bn_score.item() < -3
+        assert s(near).hook_scores["bn_score"].item() == pytest.approx(0.0)
+        assert s(far).hook_scores["bn_score"].item() < -3
 
 
 def test_named_embedding_layer_and_no_bn_model():
@@ -81,8 +81,8 @@ def test_named_embedding_layer_and_no_bn_model():
     s = ScoringModel(model, embed_layer="1")
     with torch.inference_mode():
         out = s(torch.ones(5, 1, 2, 2))
-    assert out.embedding.shape == (5, 3) and out.bn_score is None and not s.has_bn
-    assert out.feat_norm.shape == (5,)
+    assert out.embedding.shape == (5, 3) and "bn_score" not in out.hook_scores and not s.has_bn
+    assert out.hook_scores["feat_norm"].shape == (5,)
     with pytest.raises(ValueError, match="no module 'nope'"):
         ScoringModel(model, embed_layer="nope")
 

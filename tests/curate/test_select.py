@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.generated import _digits
+from curate.config import IndexConfig, ScoreConfig, SelectConfig
 from curate.index import index
 from curate.query import connect
-from curate.score import ScoreConfig, score
-from curate.select import SelectConfig, draw_probabilities, read_selection, select, water_fill
+from curate.score import score
+from curate.select import read_selection, select
+from curate.sources.builtin import digits as load_digits
+from curate.strategies import draw_probabilities, water_fill
 from tests.conftest import run_cli
 
 
@@ -30,7 +32,7 @@ def run(pool: Path, out: Path, **kw) -> tuple:
 def indexed_pool(pool, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("indexed") / "pool"
     shutil.copytree(pool, root)
-    index(str(root), show_progress=False)
+    index(IndexConfig(str(root), show_progress=False))
     return root
 
 
@@ -160,7 +162,7 @@ def test_near_over_an_ivf_pq_index_with_a_filter(teacher, tmp_path):
     pool = tmp_path / "pool"
     sources = ["digits=builtin:digits?start=500", "shaders=synthetic:shaders?n=1200&size=8"]
     score(ScoreConfig(teacher=str(teacher), sources=sources, pool=str(pool), show_progress=False))
-    assert index(str(pool), memory="200KB", show_progress=False).kind == "ivf-pq"
+    assert index(IndexConfig(str(pool), memory="200KB", show_progress=False)).kind == "ivf-pq"
     table, _ = run(pool, tmp_path / "sel", strategy="near", n=50, references=["r=builtin:digits?stop=100"],
                    where="source = 'shaders'")  # fmt: skip
     assert table.num_rows == 50 and set(table.column("source").to_pylist()) == {"shaders"}
@@ -184,7 +186,7 @@ def test_diverse_spreads_over_the_embedding_space(pool, tmp_path):
 
 
 def test_dedup_removes_planted_duplicates(teacher, tmp_path):
-    x, _ = _digits()
+    x, _ = load_digits()
     folder = tmp_path / "imgs"
     folder.mkdir()
 
@@ -235,7 +237,7 @@ def test_cli_select_and_its_errors(pool, tmp_path):
     for bad, msg in [
         (["--strategy", "balanced", "--n", "5", "--where", "confidence >>> 1"], "SQL error"),
         (["--strategy", "magic"], "unknown --strategy"),
-        (["--strategy", "balanced"], "--n N"),
+        (["--strategy", "balanced"], "needs --n"),
         (["--strategy", "threshold", "--fraction", "0.5", "--dedup", "near:2"], "--dedup"),
         (["--strategy", "near", "--n", "5"], "--reference"),
     ]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curate.score import ScoreConfig, score
+from curate.config import ScoreConfig
+from curate.score import score
 from distill import models
+from kdcore.errors import UserError
 
 
 def test_checkpoint_round_trip_with_weights_only(teacher):
@@ -35,20 +37,20 @@ def test_fingerprint_changes_with_weights():
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path, teacher):
-    with pytest.raises(models.SpecError, match=r"does not fit the architecture \(missing keys \['conv1.weight'"):
+    with pytest.raises(UserError, match=r"does not fit the architecture \(missing keys \['conv1.weight'"):
         models.load(f"torchvision:resnet18?num_classes=10&weights={teacher}")
     wrong = tmp_path / "wrong.pt"
     spec = models.InputSpec(8, 1, (0.5,), (0.5,))
     m, f, kw = models.build("cnn-tiny", 10, spec)
     models.save_checkpoint(wrong, m, f, {**kw, "num_classes": 7}, [str(i) for i in range(10)], spec)
-    with pytest.raises(models.SpecError, match="shape mismatch at fc.weight"):
+    with pytest.raises(UserError, match="shape mismatch at fc.weight"):
         models.load(str(wrong))
 
 
 def test_weights_only_refuses_pickled_objects(tmp_path):
     bad = tmp_path / "obj.pt"
     torch.save({"state_dict": {}, "obj": object()}, bad)
-    with pytest.raises(models.SpecError, match="weights_only=True"):
+    with pytest.raises(UserError, match="weights_only=True"):
         models.load(str(bad))
 
 
@@ -66,7 +68,7 @@ def test_torchvision_spec_with_preprocessing(tmp_path):
 def test_python_factory_spec_and_missing_preprocessing():
     m = models.load("python:distill.models:small_cnn?width=4&num_classes=3&in_channels=1&size=8&channels=1")
     assert m.classes == ["0", "1", "2"] and m.kwargs == {"width": 4, "num_classes": 3, "in_channels": 1}
-    with pytest.raises(models.SpecError, match="records no input preprocessing"):
+    with pytest.raises(UserError, match="records no input preprocessing"):
         models.load("python:distill.models:small_cnn?width=4")
 
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import distill.train
-from curate.export import ExportConfig, export
-from curate.select import SelectConfig, select
-from distill.models import SpecError
-from distill.train import TrainConfig, train
+from curate.config import ExportConfig, SelectConfig
+from curate.export import export
+from curate.select import select
+from distill.config import TrainConfig
+from distill.train import train
+from kdcore.errors import UserError
 from tests.conftest import run_cli
 from tests.distill import recorder
 
@@ -100,15 +102,15 @@ def test_feature_and_relational_terms_train_and_resume(shards, teacher, tmp_path
     assert [r["step"] for r in rows] == list(range(5, 45, 5))  # nothing logged twice across the resume
     assert all(r["rkd_distance"] > 0 and r["rkd_angle"] > 0 for r in rows)  # each term logged beside the loss
     assert rows[-1]["feature"] < 0.5 * rows[0]["feature"]  # the projected student features approach the teacher's
-    with pytest.raises(SpecError, match="no layer 'nope'"):
+    with pytest.raises(UserError, match="no layer 'nope'"):
         train(cfg(train_dir, tmp_path / "bad", **{**opts, "feature_layers": "nope:features.3"}))
 
 
 def test_offline_augmentation_and_feature_terms_need_a_teacher(shards, tmp_path):
     train_dir, _, _ = shards
-    with pytest.raises(SpecError, match="online --teacher"):
+    with pytest.raises(UserError, match="online --teacher"):
         train(cfg(train_dir, tmp_path / "a", mixup=0.2))
-    with pytest.raises(SpecError, match="online --teacher"):
+    with pytest.raises(UserError, match="online --teacher"):
         train(cfg(train_dir, tmp_path / "b", rkd_angle=1.0))
     proc = run_cli("distill", "train", str(train_dir), "--out", str(tmp_path / "c"), "--steps", "5", "--crop", "2")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "online --teacher" in proc.stderr

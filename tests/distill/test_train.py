@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from curate.export import ExportConfig, export
-from curate.generated import _digits
-from curate.select import SelectConfig, select
+from curate.config import ExportConfig, SelectConfig
+from curate.export import export
+from curate.select import select
+from curate.sources.builtin import digits as load_digits
 from distill import models
+from distill.config import EvalConfig, TrainConfig
 from distill.data import loader, open_shards, rank_shards
 from distill.evaluate import evaluate
-from distill.train import TrainConfig, train
+from distill.train import train
+from kdcore.errors import UserError
 from tests.conftest import ROOT, run_cli
 
 
@@ -56,7 +59,7 @@ def test_student_distilled_from_the_pool_beats_chance(shards, tmp_path):
     ckpt = torch.load(run / "student.pt", weights_only=True)
     assert ckpt["factory"] == "distill.models:small_cnn" and ckpt["classes"] == [str(i) for i in range(10)]
     student = models.load(str(run))
-    x, y = _digits()
+    x, y = load_digits()
     xt = ((torch.from_numpy(x[1000:1500]).float() / 255 - student.input.mean[0]) / student.input.std[0])[:, None]
     with torch.inference_mode():
         acc = float((student.model(xt).argmax(1).numpy() == y[1000:1500]).mean())
@@ -70,7 +73,7 @@ def test_student_distilled_from_the_pool_beats_chance(shards, tmp_path):
 def test_agreement_with_the_teacher_on_shards_with_logits(shards, tmp_path):
     train_dir, _ = shards
     train(cfg(train_dir, tmp_path / "run", steps=60))
-    res = evaluate(str(tmp_path / "run"), str(train_dir), workers=0)
+    res = evaluate(EvalConfig(str(tmp_path / "run"), str(train_dir), workers=0))
     assert 0.3 < res["agreement"] <= 1.0  # the pool mixes digits with noise; digits carry labels too
     assert res["samples"] == 297  # only the digits have true labels in the teacher's class space
 
@@ -79,7 +82,7 @@ def test_supervised_training_on_true_labels(shards, tmp_path):
     _, eval_dir = shards
     res = train(cfg(eval_dir, tmp_path / "sup", loss="ce", labels="true", steps=80, eval=str(eval_dir)))
     assert res.final["accuracy"] > 0.8
-    with pytest.raises(models.SpecError, match="no teacher soft labels"):
+    with pytest.raises(UserError, match="no teacher soft labels"):
         train(cfg(eval_dir, tmp_path / "kd", loss="kd"))
 
 

@@ -1,0 +1,202 @@
+"""The configs of the curate commands: each option declared once, with its help text.
+
+`curate`'s CLI options and the pipeline's TOML keys are derived from these fields (kdcore.options); the
+stage functions take the config. This module imports no heavy library, so `curate --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdcore.errors import UserError
+from kdcore.options import option
+from kdcore.storage import DEFAULT_MAX_BYTES
+from kdcore.view import DEFAULT_MAX_PIXELS
+
+PROGRESS = "the pipeline's own --progress"
+WORK = "the job's work directory"
+
+
+def _positive(name: str, value: int | float | None, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class ScoreConfig:
+    teacher: str = option(
+        help="torchvision:ARCH?num_classes=N&weights=PATH, torchscript:PATH, python:MODULE:FACTORY?weights=PATH, or "
+        "a student.pt / run directory; add size=, channels=, mean=, std= for the preprocessing, classes=@FILE "
+        "for class names.",
+        toml_reason="the job's [teacher] stage",
+    )
+    sources: list[str] = option(
+        help="NAME=KIND:LOCATION[?opt=val&...], repeatable. Kinds: folder, wds, parquet, idx, npy, synthetic, "
+        "builtin. Quote specs holding ? and &.",
+        cli_name="source",
+    )
+    pool: str = option(help="Pool directory (created, or resumed when it exists).", toml_reason=WORK)
+    batch_size: int = option(256, "Samples per forward pass.")
+    workers: int = option(-1, "Decode worker processes; -1 picks (0 for undecoded arrays on CPU).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    logits: str = option("full", "full, or topk:K to keep the K largest logits (many classes).")
+    embed_layer: str = option("auto", "auto (input of the final linear) or a module name.")
+    max_error_rate: float = option(0.01, "Exit 1 when more than this share of samples failed.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Images with more pixels are refused as decompression bombs.")
+    max_bytes: int = option(
+        DEFAULT_MAX_BYTES, "Files, tar members and Parquet cells larger than this are refused unread (bytes)."
+    )
+    odin: bool = option(False, "Also compute ODIN (one extra forward+backward per batch).")
+    odin_temperature: float = option(1000.0, "ODIN: softmax temperature T.")
+    odin_eps: float = option(0.0014, "ODIN: size of the input step.")
+    retries: int = option(2, "Tries more for a unit whose reading fails; then it is reported.")
+    engine: str = option("local", "local (this process + DataLoader workers) or ray (kdcurate[ray]).")
+    ray_address: str | None = option(
+        None, "With --engine ray: a running cluster (HOST:6379 or auto); default: a new local Ray instance."
+    )
+    overwrite: bool = option(
+        False, "Discard an existing pool scored differently.", toml_reason="a job clears a changed stage itself"
+    )
+    show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
+
+    def __post_init__(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("retries", self.retries, allow_zero=True)
+        _positive("max_pixels", self.max_pixels)
+        _positive("max_bytes", self.max_bytes)
+        if not 0 <= self.max_error_rate <= 1:
+            raise UserError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        if self.engine not in ("local", "ray"):
+            raise UserError(f"unknown --engine {self.engine!r}; use local or ray")
+
+
+@dataclass
+class CompactConfig:
+    pool: str = option(help="Pool directory.", positional=True)
+    target_rows: int = option(1_000_000, "Rows per compact file (about).")
+    row_group_rows: int = option(131_072, "Rows per Parquet row group in the compact files.")
+    show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
+
+    def __post_init__(self) -> None:
+        _positive("target_rows", self.target_rows)
+        _positive("row_group_rows", self.row_group_rows)
+
+
+@dataclass
+class IndexConfig:
+    pool: str = option(help="Pool directory.", positional=True, toml_reason=WORK)
+    kind: str = option("auto", "auto (flat when it fits, else IVF-PQ), flat, ivf-pq or hnsw.")
+    memory: str = option("4GB", "Memory budget for the index, e.g. 512MB, 4GB.")
+    per_source: bool = option(
+        False, "One sub-index per source, merged; a rerun re-encodes only the sources whose files changed."
+    )
+    retrain: bool = option(False, "With --per-source: train the quantizer again (all sources re-encoded).")
+    sources: list[str] = option(
+        [],
+        "With --per-source: build only these sources' sub-indexes (repeat, or comma-separated) and skip the merge, "
+        "so several machines on shared storage can split the sources; a last run without --sources merges them.",
+    )
+    queries: int = option(500, "Sampled queries for the recall@10 measurement.")
+    seed: int = option(0, "Seed of the training sample and of the recall queries.")
+    show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
+
+    def __post_init__(self) -> None:
+        self.sources = [s.strip() for item in self.sources for s in item.split(",") if s.strip()]
+        if self.kind not in ("auto", "flat", "ivf-pq", "hnsw"):
+            raise UserError(f"unknown --kind {self.kind!r}; use auto, flat, ivf-pq or hnsw")
+        if self.sources and not self.per_source:
+            raise UserError("--sources builds sub-indexes: add --per-source")
+        _positive("queries", self.queries, allow_zero=True)
+
+
+@dataclass
+class SqlConfig:
+    pool: str = option(help="Pool directory.", positional=True)
+    query: str = option(help="SQL over the views samples, errors (and selection).", positional=True)
+    format: str = option("table", "table, csv, json (one object per line) or parquet.")
+    out: str | None = option(None, "Write the result to this file instead of stdout.")
+    selection: str | None = option(None, "A selection directory, exposed as the view 'selection'.")
+    limit: int = option(50, "Rows shown by --format table.")
+
+    def __post_init__(self) -> None:
+        if self.format not in ("table", "csv", "json", "parquet"):
+            raise UserError(f"--format must be one of table, csv, json, parquet, got {self.format!r}")
+        if self.format == "parquet" and not self.out:
+            raise UserError("--format parquet needs --out FILE")
+        if not self.query.strip():
+            raise UserError("the query is empty; e.g. 'SELECT source, count(*) FROM samples GROUP BY source'")
+        _positive("limit", self.limit)
+
+
+@dataclass
+class SelectConfig:
+    pool: str = option(help="Pool directory.", positional=True, toml_reason=WORK)
+    strategy: str = option(help="threshold, top-per-class, weighted, balanced, random, near or diverse.")
+    out: str = option(help="Selection directory (selection.parquet + selection.json).", toml_reason=WORK)
+    where: str | None = option(None, "SQL filter over the samples view (one boolean expression), applied first.")
+    score: str = option("confidence", "Column or SQL expression ranking samples (higher = better).")
+    n: int | None = option(None, "How many samples (weighted, balanced, random, near, diverse).")
+    per_class: int | None = option(None, "top-per-class: K per predicted class.")
+    threshold: float | None = option(None, "threshold: keep score >= T.")
+    fraction: float | None = option(None, "threshold: keep the top fraction F by score instead.")
+    temperature: float = option(1.0, "weighted: p ∝ softmax(score / T).")
+    gamma: float | None = option(None, "weighted: p ∝ score ** GAMMA instead of the softmax.")
+    replace: bool = option(False, "weighted: draw with replacement (weight = times drawn).")
+    references: list[str] = option([], "near: NAME=SPEC of reference images, repeatable.", cli_name="reference")
+    k: int = option(10, "near: score = cosine similarity to the k-th nearest reference.")
+    nprobe: int | None = option(None, "near: IVF lists probed (default: the index's; more = slower, better).")
+    clusters: int = option(64, "diverse: k-means clusters (equal quotas).")
+    dedup: str | None = option(None, "exact (content hash) or near:COS (embedding cosine >= COS).")
+    seed: int = option(0, "Seed of every random choice; same seed, same selection.")
+
+    def __post_init__(self) -> None:
+        from curate.strategies import STRATEGIES  # the registry (light: numpy only)
+
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        STRATEGIES[self.strategy].check(self)
+        for name in ("n", "per_class", "k", "clusters"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass
+class ReportConfig:
+    pool: str = option(help="Pool directory.", positional=True, toml_reason=WORK)
+    out: str = option(help="Report directory: report.html, PNGs beside it, report.json.", toml_reason=WORK)
+    selection: str | None = option(
+        None, "A selection directory to describe against the pool.", toml_reason="the job's [select] stage"
+    )
+    score: str = option("confidence", "Score ranking the thumbnails (most and least related).")
+    thumbs: int = option(12, "Thumbnails per source and direction.")
+    task_sources: list[str] = option(
+        [],
+        "Sources that belong to the teacher's task (default: labelled sources with the teacher's classes).",
+        cli_name="task_source",
+    )
+
+    def __post_init__(self) -> None:
+        _positive("thumbs", self.thumbs, allow_zero=True)
+
+
+@dataclass
+class ExportConfig:
+    out: str = option(help="Shard directory: shard-NNNNNN.tar, manifest.json.", toml_reason=WORK)
+    pool: str | None = option(None, "Pool directory (with --selection).", positional=True, toml_reason=WORK)
+    selection: str | None = option(
+        None, "Selection directory from 'curate select'.", toml_reason="the job's [select] stage"
+    )
+    sources: list[str] = option(
+        [], "Export a labelled source instead, no teacher: NAME=KIND:LOCATION (repeatable).", cli_name="source",
+        toml_reason="the job's [eval] or [teacher] source",
+    )  # fmt: skip
+    shard_size: int = option(10_000, "Samples per shard.")
+    soft_labels: str = option("full", "full (float16 logits) or topk:K (the K largest, with indices).")
+    workers: int = option(-1, "Writer processes; -1 = one per core for large exports.")
+    seed: int = option(0, "Seed of the order in which units are spread over shards.")
+    overwrite: bool = option(
+        False, "Replace shards of a different export in --out.", toml_reason="a job clears a changed stage itself"
+    )
+    show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
+
+    def __post_init__(self) -> None:
+        _positive("shard_size", self.shard_size)

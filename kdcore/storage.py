@@ -1,0 +1,421 @@
+"""Where files live: local paths and URLs through one layer (fsspec), atomic writes, streamed reads.
+
+    /data/x, x, file:///data/x     the local disk (plain os calls: the fast path)
+    s3://bucket/key                 S3 or any S3 API (s3fs; AWS_* variables, profiles, AWS_ENDPOINT_URL)
+    gs://bucket/key                 Google Cloud Storage (gcsfs)
+    http(s)://host/path             read only (fsspec's HTTP filesystem)
+    pipe:COMMAND                    read only: the command's stdout (webdataset's convention, shard sources)
+
+Writes are atomic. Locally a file is written under a hidden temporary name (`.NAME.<tag>.tmp`, the tag naming
+the command, so one command's clean-up never touches another's file in flight) and renamed over the
+target. On object storage an object written whole is atomic: it appears complete at close, or not at all,
+so there is no temporary (and no rename, which object stores do not have). Credentials come from the
+standard places only; `redact` removes any user:password from a URL before it is written anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from kdcore.errors import UserError
+
+TMP_SUFFIX = ".tmp"
+DEFAULT_MAX_BYTES = 64 << 20  # per sample: larger files, tar members and Parquet cells are refused, never read
+REMOTE = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
+READ_ONLY = ("http", "https", "pipe")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+# ------------------------------------------------------------------------------------------ addresses
+
+
+def scheme(url: str) -> str:
+    """'' for a local path (or file://), else the URL scheme; 'pipe' for pipe:COMMAND."""
+    url = os.fspath(url)
+    if url.startswith("pipe:"):
+        return "pipe"
+    m = _SCHEME.match(url)
+    if not m or m.group(1).lower() == "file":
+        return ""
+    return m.group(1).lower()
+
+
+def is_local(url: str) -> bool:
+    return scheme(url) == ""
+
+
+def local(url: str) -> Path:
+    """The local path of a local address (file:// stripped)."""
+    url = os.fspath(url)
+    return Path(url[len("file://") :] if url.startswith("file://") else url)
+
+
+def join(base: str, *parts: str) -> str:
+    base = os.fspath(base)
+    if is_local(base):
+        return str(local(base).joinpath(*parts))
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def name(url: str) -> str:
+    url = os.fspath(url)
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(url: str) -> str:
+    url = os.fspath(url)
+    if is_local(url):
+        return str(local(url).parent)
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+def redact(url: str) -> str:
+    """A URL without user:password@ (credentials never reach pool.json, manifests or logs)."""
+    url = os.fspath(url)
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
+
+
+def absolute(url: str) -> str:
+    url = os.fspath(url)
+    return str(local(url).resolve()) if is_local(url) else url.rstrip("/")
+
+
+def inside(url: str, root: str) -> bool:
+    """Whether `url` is `root` or lies under it."""
+    url, root = os.fspath(url), os.fspath(root)
+    if is_local(url) != is_local(root):
+        return False
+    if is_local(url):
+        return local(url).resolve().is_relative_to(local(root).resolve())
+    a, b = url.rstrip("/") + "/", root.rstrip("/") + "/"
+    return a.startswith(b)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for a remote URL; a missing driver or scheme is a UserError."""
+    url = os.fspath(url)
+    s = scheme(url)
+    if s == "pipe":
+        raise UserError(f"{url}: pipe: can only be read as a stream (shard sources), not listed or written")
+    if s and s not in REMOTE:
+        raise UserError(f"unknown storage scheme '{s}://' in {redact(url)}; use a local path, s3://, gs:// or https://")
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError:
+        raise UserError(f"{s}:// needs {REMOTE[s]}: pip install 'kdcurate[cloud]'") from None
+    except ValueError as e:
+        raise UserError(f"cannot use {redact(url)}: {e}") from None
+    return fs, path
+
+
+def _remote_error(url: str, e: Exception) -> UserError:
+    """One line for a storage failure: missing bucket, denied request, unreachable endpoint."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"not found: {redact(url)}")
+    if isinstance(e, PermissionError):
+        return UserError(f"access denied to {redact(url)}: {text[:200]}")
+    return UserError(f"storage error on {redact(url)}: {type(e).__name__}: {text[:200]}")
+
+
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError,)  # s3fs/gcsfs raise OSError subclasses
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def exists(url: str) -> bool:
+    if is_local(url):
+        return local(url).exists()
+    fs, path = filesystem(url)
+    try:
+        return fs.exists(path)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def isfile(url: str) -> bool:
+    if is_local(url):
+        return local(url).is_file()
+    fs, path = filesystem(url)
+    try:
+        return fs.isfile(path)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def isdir(url: str) -> bool:
+    if is_local(url):
+        return local(url).is_dir()
+    fs, path = filesystem(url)
+    try:
+        return fs.isdir(path)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
+    """The whole file; with max_bytes, a file larger than that raises ValueError before it is read."""
+    if is_local(url):
+        with open(local(url), "rb") as f:
+            if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+                raise ValueError(f"file of {os.fstat(f.fileno()).st_size:,} bytes exceeds --max-bytes {max_bytes:,}")
+            return f.read()
+    fs, path = filesystem(url)
+    try:
+        if max_bytes is not None:
+            size = fs.size(path)
+            if size is not None and size > max_bytes:
+                raise ValueError(f"file of {size:,} bytes exceeds --max-bytes {max_bytes:,}")
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode()
+
+
+def read_json(url: str, what: str = "") -> Any:
+    """A JSON file, or a UserError naming the file when it is missing or not JSON."""
+    try:
+        return json.loads(read_bytes(url))
+    except FileNotFoundError:
+        raise UserError(f"{what or 'file'} not found: {redact(url)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{redact(url)} is not valid JSON ({e}); restore it or recreate {what or 'it'}") from None
+
+
+@contextmanager
+def open_read(url: str) -> Iterator[IO[bytes]]:
+    """A streamed binary reader: a local file, a remote object read in blocks, or a pipe: command's stdout.
+    Memory stays bounded however large the file."""
+    if scheme(url) == "pipe":
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+        try:
+            yield proc.stdout  # type: ignore[misc]
+        finally:
+            proc.stdout.close()  # type: ignore[union-attr]
+            code = proc.wait()
+        if code != 0:
+            raise OSError(f"pipe command exited with status {code}: {url[5:][:200]}")
+        return
+    if is_local(url):
+        with open(local(url), "rb") as f:
+            yield f
+        return
+    fs, path = filesystem(url)
+    try:
+        f = fs.open(path, "rb", block_size=4 << 20)
+    except FileNotFoundError:
+        raise
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+    with f:
+        yield f
+
+
+def find(url: str) -> list[tuple[str, int, float]]:
+    """Every regular file under a directory, recursively: (path relative to it, size, mtime), sorted.
+    Symbolic links to files count; dangling links and other non-files are skipped."""
+    if is_local(url):
+        root = local(url)
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            for f in filenames:
+                p = os.path.join(dirpath, f)
+                try:
+                    st = os.stat(p)  # follows links: a dangling one raises
+                except OSError:
+                    continue
+                if st.st_mode & 0o170000 != 0o100000:  # not a regular file
+                    continue
+                out.append((os.path.relpath(p, root).replace(os.sep, "/"), st.st_size, st.st_mtime))
+        return sorted(out)
+    fs, path = filesystem(url)
+    try:
+        found = fs.find(path, detail=True)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+    base = path.rstrip("/") + "/"
+    out = []
+    for p, info in found.items():
+        if info.get("type", "file") != "file" or not p.startswith(base):
+            continue
+        mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
+        out.append((p[len(base) :], int(info.get("size") or 0), mtime.timestamp() if hasattr(mtime, "timestamp")
+                    else float(mtime or 0)))  # fmt: skip
+    return sorted(out)
+
+
+def glob(pattern: str) -> list[str]:
+    """URLs (or local paths) matching a glob pattern, sorted."""
+    if is_local(pattern):
+        import glob as _glob
+
+        return sorted(_glob.glob(str(local(pattern))))
+    fs, path = filesystem(pattern)
+    try:
+        found = fs.glob(path)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(pattern, e) from None
+    prefix = pattern[: pattern.index("://") + 3]
+    return sorted(p if "://" in p else prefix + p for p in found)
+
+
+def expand(pattern: str) -> list[str]:
+    """Brace expansion ({000..099}, {a,b}), then globbing of the parts that hold * ? [ (not pipe:)."""
+    import braceexpand
+
+    out: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        if scheme(part) != "pipe" and any(c in part for c in "*?["):
+            out.extend(glob(part))
+        else:
+            out.append(part)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _check_writable(url: str) -> None:
+    if scheme(url) in READ_ONLY:
+        raise UserError(f"{redact(url)}: {scheme(url)}:// is read-only here; write to a local path, s3:// or gs://")
+
+
+def tmp_name(path: str | Path, tag: str = "w") -> Path:
+    """`.NAME.TAG.tmp` beside NAME: hidden, so readers that glob a folder (pyarrow, DuckDB, Hugging Face)
+    never see a file being written."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}{TMP_SUFFIX}")
+
+
+@contextmanager
+def atomic_path(path: str | Path, tag: str = "w") -> Iterator[Path]:
+    """Local only: yields a temporary path beside `path`, renamed over it when the block ends without error,
+    removed when it raises."""
+    path = local(str(path))
+    tmp = tmp_name(path, tag)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def open_write(url: str, tag: str = "w") -> Iterator[IO[bytes]]:
+    """A binary writer whose file appears whole when the block ends, and not at all when it raises."""
+    _check_writable(url)
+    if is_local(url):
+        local(url).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(url, tag) as tmp, open(tmp, "wb") as f:
+            yield f
+        return
+    fs, path = filesystem(url)
+    try:
+        f = fs.open(path, "wb", block_size=16 << 20)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+    try:
+        yield f
+    except BaseException:
+        if hasattr(f, "discard"):
+            f.discard()  # abort the upload: nothing appears
+        raise
+    try:
+        f.close()
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def write_bytes(url: str, data: bytes, tag: str = "w") -> None:
+    _check_writable(url)
+    if is_local(url):
+        local(url).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(url, tag) as tmp:
+            tmp.write_bytes(data)
+        return
+    fs, path = filesystem(url)
+    try:
+        fs.pipe_file(path, data)
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def write_json(url: str, obj: Any, tag: str = "w") -> None:
+    write_bytes(url, json.dumps(obj, indent=2, default=str).encode(), tag)
+
+
+def write_parquet(url: str, table: Any, tag: str = "w", **kwargs: Any) -> None:
+    import pyarrow.parquet as pq
+
+    if is_local(url):
+        local(url).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(url, tag) as tmp:
+            pq.write_table(table, tmp, compression="zstd", **kwargs)
+        return
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", **kwargs)
+    write_bytes(url, buf.getvalue(), tag)
+
+
+def makedirs(url: str) -> None:
+    _check_writable(url)
+    if is_local(url):
+        local(url).mkdir(parents=True, exist_ok=True)  # object stores have no directories to make
+
+
+def remove(url: str) -> None:
+    """Remove a file if it exists."""
+    if is_local(url):
+        local(url).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def rmtree(url: str) -> None:
+    """Remove a directory (every object under a prefix) if it exists."""
+    if is_local(url):
+        shutil.rmtree(local(url), ignore_errors=True)
+        return
+    fs, path = filesystem(url)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) for Arrow's readers and writers: local, or the fsspec one wrapped."""
+    import pyarrow.fs as pafs
+
+    if is_local(url):
+        return pafs.LocalFileSystem(), str(local(url))
+    fs, path = filesystem(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
