@@ -40,7 +40,7 @@ def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
     from curate.sources import uid_of
 
     pool = Pool(root)
-    if pool.exists() and json.loads(pool.meta_path.read_text()).get("bench_rows") == rows and unit == UNIT:
+    if pool.exists() and json.loads(Path(pool.meta_url).read_text()).get("bench_rows") == rows and unit == UNIT:
         return
     pool.wipe()
     schema = sample_schema(C, D, "full", False)
@@ -64,12 +64,14 @@ def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
             cols = {
                 "uid": pa.array([uid_of(s) for s in ids], pa.int64()),
                 "sample_id": ids,
+                "source": [name] * m,
                 "key": keys,
                 "unit": [f"{u:06d}"] * m,
                 "content_hash": [f"{rng.integers(2**62):032x}" for _ in range(m)],
                 "width": np.full(m, 28, np.int32),
                 "height": np.full(m, 28, np.int32),
                 "label": pa.nulls(m, pa.int16()),
+                "meta": pa.nulls(m, pa.string()),
                 "logits": pa.FixedSizeListArray.from_arrays(logits.ravel(), C),
                 "pred": logits.argmax(1).astype(np.int16),
                 "confidence": ps[:, -1],
@@ -83,12 +85,12 @@ def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
                 "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), D),
             }
             tbl = pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
-            pool.write_unit(name, f"{u:06d}", tbl, pa.table({}), {"rows": m, "errors": 0})
+            pool.write_unit(name, f"{u:06d}", tbl, pa.table({}), {"unit": f"{u:06d}", "rows": m, "errors": 0})
     pool.write_meta({
         "schema_version": SCHEMA_VERSION, "bench_rows": rows, "classes": [str(i) for i in range(C)],
         "teacher": {"spec": "synthetic", "sha256": "0" * 64}, "input": {"size": 28, "channels": 1},
         "settings": {"embed_layer": "auto"}, "sources": {k: {"spec": "", "classes": None} for k in SOURCES},
-        "scores": {k: {"definition": v} for k, v in SCORES.items()}, "embedding": {"dim": D},
+        "scores": {k: {"definition": v.definition} for k, v in SCORES.items()}, "embedding": {"dim": D},
     })  # fmt: skip
     print(f"wrote {rows:,} rows in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -121,9 +123,10 @@ def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
         )
         detail = f"{len(r)} sources"
     elif name.startswith("index"):
+        from curate.config import IndexConfig
         from curate.index import index
 
-        r = index(pool, kind="ivf-pq", memory=memory, show_progress=False)
+        r = index(IndexConfig(pool, kind="ivf-pq", memory=memory, show_progress=False))
         detail = f"{r.factory}, recall@10 {r.recall_at_10:.3f}, {r.bytes / 2**20:.0f} MiB"
     elif name.startswith("near"):
         import faiss
@@ -142,7 +145,8 @@ def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
         idx, _ = near(Pool(pool), con, refs, uids, 100_000, 10, restrict=True, nprobe=nprobe)
         detail = f"{len(idx):,} selected of {len(uids):,} allowed; search+rank {time.perf_counter() - t1:.1f} s"
     else:
-        from curate.select import SelectConfig, select
+        from curate.config import SelectConfig
+        from curate.select import select
 
         kw = {
             "top-per-class": dict(strategy="top-per-class", per_class=100_000, score="energy"),
@@ -154,6 +158,95 @@ def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
     return {"seconds": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "detail": detail}
 
 
+GROUP_BY = "SELECT source, count(*), avg(confidence) FROM samples GROUP BY source ORDER BY source"
+TOP = ("SELECT uid, sample_id, source, pred, label, 1.0::FLOAT AS weight, energy::FLOAT AS score FROM samples "
+       "QUALIFY row_number() OVER (PARTITION BY pred ORDER BY energy DESC, uid) <= 1000 ORDER BY uid")  # fmt: skip
+
+
+def run_child(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one fresh process, as /usr/bin/time measures it (a child forked from this
+    large process would inherit its peak)."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, cwd=ROOT)  # fmt: skip
+    if proc.returncode:
+        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr[-1500:]}")
+    seconds, kib = proc.stderr.strip().splitlines()[-1].split()
+    return float(seconds), float(kib) / 1024
+
+
+def startup(pool: str, reps: int = 3) -> None:
+    """Start-up and query overhead against the peers, each command a fresh process, median of `reps`."""
+    py, bin_ = sys.executable, Path(sys.executable).parent
+    glob = f"read_parquet('{pool}/samples/*/*.parquet')"
+    out = Path(pool).parent / "startup-out"
+    out.mkdir(exist_ok=True)
+    duck = "import duckdb, sys; c = duckdb.connect(); "
+    pandas_group = (
+        "import pandas as pd; d = pd.read_parquet(sys.argv[1] + '/samples', columns=['source', "
+        "'confidence']); print(d.groupby('source', observed=True)['confidence'].agg(['count', 'mean']))"
+    )
+    pandas_top = (
+        "import pandas as pd; d = pd.read_parquet(sys.argv[1] + '/samples', columns=['uid', 'sample_id', "
+        "'source', 'pred', 'label', 'energy']); d = d.sort_values(['energy', 'uid'], "
+        "ascending=[False, True]); d = d.groupby('pred').head(1000).sort_values('uid'); "
+        "d.to_parquet(sys.argv[2])"
+    )
+    cases = [
+        ("`curate --help`", [str(bin_ / "curate"), "--help"]),
+        ("group-by: DuckDB alone (Python, fresh process)",
+         [py, "-c", duck + f"print(c.sql(\"{GROUP_BY.replace('samples', glob)}\").fetchall())"]),
+        ("group-by: `curate sql`", [str(bin_ / "curate"), "sql", pool, GROUP_BY, "--format", "csv"]),
+        ("group-by: pandas", [py, "-c", "import sys; " + pandas_group, pool]),
+        ("top-per-class: DuckDB alone (QUALIFY, written to Parquet)",
+         [py, "-c", duck + f"c.execute(\"COPY ({TOP.replace('samples', glob)}) TO '{out}/duck.parquet'\")"]),
+        ("top-per-class: `curate select`", [str(bin_ / "curate"), "select", pool, "--strategy", "top-per-class",
+                                            "--per-class", "1000", "--score", "energy", "--out", str(out / "sel")]),
+        ("top-per-class: pandas", [py, "-c", "import sys; " + pandas_top, pool, str(out / "pd.parquet")]),
+    ]  # fmt: skip
+    rows, seconds = [], {}
+    for name, cmd in cases:
+        runs = [run_child(cmd) for _ in range(reps)]
+        wall = float(np.median([r[0] for r in runs]))
+        rss = float(np.median([r[1] for r in runs]))
+        seconds[name] = wall
+        rows.append([name, f"{wall:.2f}", f"{rss:,.0f}"])
+        print(rows[-1], flush=True)
+    for i, (name, _) in enumerate(cases):
+        peer = next((p for p in ("group-by: DuckDB", "top-per-class: DuckDB") if name.startswith(p.split(":")[0])
+                     and ":" in name), None)  # fmt: skip
+        base = next((seconds[k] for k in seconds if peer and k.startswith(peer)), None)
+        rows[i].append(f"{wall_ratio:.2f}" if base and (wall_ratio := seconds[name] / base) else "")
+    # in-process: the Python API against the same query through an open DuckDB connection
+    import duckdb
+
+    from curate.config import SelectConfig
+    from curate.select import select
+
+    con = duckdb.connect()
+    api, direct = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        select(SelectConfig(pool=pool, out=str(out / "api"), strategy="top-per-class", per_class=1000, score="energy"))
+        api.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        con.execute(f"COPY ({TOP.replace('samples', glob)}) TO '{out}/duck2.parquet'")
+        direct.append(time.perf_counter() - t0)
+    a, d = float(np.median(api)), float(np.median(direct))
+    rows.append(["top-per-class in one process: `select()` / DuckDB query", f"{a:.2f} / {d:.2f}", "", f"{a / d:.2f}"])
+    n = duckdb.sql(f"SELECT count(*) FROM {glob}").fetchall()[0][0]
+    body = (
+        f"## Start-up and query overhead ({n:,}-row pool)\n\nMachine: {machine()}.\n\n"
+        "`python benchmarks/query.py --startup`: each command a fresh process (median of "
+        f"{reps}), wall time and the process's peak RSS; ratio = the command's time over DuckDB alone on the same "
+        "query, also in a fresh Python process. The `curate` CLI imports only what the command uses (typer, "
+        "DuckDB; torch and FAISS only for scoring, indexing and kNN strategies); `curate sql` runs the query "
+        "through DuckDB over the pool's views, `curate select --strategy top-per-class` is one DuckDB window query "
+        "plus the join that writes selection.parquet and selection.json. Bar: within 2x of DuckDB alone.\n\n"
+        + table(["command", "seconds", "peak RSS MiB", "ratio to DuckDB alone"], rows)
+    )
+    write_section("startup", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -161,7 +254,13 @@ def main() -> None:
     ap.add_argument("--memory", default="1GB", help="index budget for the IVF-PQ build")
     ap.add_argument("--only", help="rerun only the operations whose name starts with this; keep the other rows")
     ap.add_argument("--pool", default=str(ROOT / "work" / "bench" / "query-pool"))
+    ap.add_argument("--startup", action="store_true", help="start-up and query overhead on a 2M-row pool")
     args = ap.parse_args()
+    if args.startup:
+        pool = ROOT / "work" / "bench" / "query-pool-2m"
+        make_pool(pool, 2_000_000)
+        startup(str(pool))
+        return
     if args.op:
         print(json.dumps(op(args.op, args.pool, str(Path(args.pool).parent / "query-sel"), args.rows, args.memory)))
         return

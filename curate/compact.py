@@ -4,8 +4,8 @@ A pool scored from hundreds of thousands of units holds as many small files; eve
 opens each one. Compaction streams complete units' parts, in unit order, into compact-N.parquet files
 of about `target_rows` rows (row groups of `row_group_rows`), and commits each with its manifest:
 
-    1. samples/source=S/compact-N.parquet written whole     (not read yet: no manifest)
-    2. units/source=S/compact-N.json (units, rows)           (the commit: readers switch to it)
+    1. samples/S/compact-N.parquet written whole     (not read yet: no manifest)
+    2. units/S/compact-N.json (units, rows)           (the commit: readers switch to it)
     3. the units' parts deleted                              (already hidden by the manifest)
 
 Completion records stay, so `curate score` still skips the units. A compaction killed anywhere leaves a
@@ -63,13 +63,13 @@ def _tidy_and_plan(pool: Pool, source: str, target_rows: int) -> list[list[tuple
     """Remove what a killed compaction left (compact files without manifest, parts a manifest already
     holds, replaced compact files), then group the remaining complete parts into runs of about target_rows."""
     committed = pool.compacted(source)
-    manifests = {storage.name(u) for u in storage.glob(pool.url("units", f"source={source}", "compact-*.json"))}
+    manifests = {storage.name(u) for u in storage.glob(pool.url("units", source, "compact-*.json"))}
     for url in storage.glob(storage.join(pool.samples_dir(source), "compact-*.parquet")):
         if url not in committed:
             stem = storage.name(url).removesuffix(".parquet")
             storage.remove(url)
             if f"{stem}.json" in manifests:  # replaced by a newer manifest: the old one goes too
-                storage.remove(pool.url("units", f"source={source}", f"{stem}.json"))
+                storage.remove(pool.url("units", source, f"{stem}.json"))
     covered = {u for m in committed.values() for u in m["units"]}
     todo: list[tuple[str, int]] = []
     for record in sorted(pool.records(source), key=lambda r: r["unit"]):
@@ -88,7 +88,7 @@ def _tidy_and_plan(pool: Pool, source: str, target_rows: int) -> list[list[tuple
 
 
 def _next_name(pool: Pool, source: str) -> str:
-    names = storage.glob(pool.url("units", f"source={source}", "compact-*.json"))
+    names = storage.glob(pool.url("units", source, "compact-*.json"))
     names += storage.glob(storage.join(pool.samples_dir(source), "compact-*.parquet"))
     numbers = [int(m.group(1)) for u in names if (m := re.match(r"compact-(\d+)", storage.name(u)))]
     return f"compact-{max(numbers, default=0) + 1:06d}"
@@ -136,7 +136,7 @@ def _write_group(pool: Pool, source: str, group: list[tuple[str, int]], row_grou
     parts = [pool.part(source, unit) for unit, _ in group]
     rows = _write_parts(pool, url, parts, row_group_rows, advance)
     manifest = {"units": [u for u, _ in group], "rows": rows, "written_at": time.time()}
-    storage.write_json(pool.url("units", f"source={source}", f"{name}.json"), manifest, tag="compact")
+    storage.write_json(pool.url("units", source, f"{name}.json"), manifest, tag="compact")
     for part in parts:
         storage.remove(part)
     return url
@@ -156,11 +156,11 @@ def rewrite_without(pool: Pool, source: str, url: str, manifest: dict[str, Any],
     else:
         rows = 0
     record = {"units": keep_units, "rows": rows, "written_at": time.time(), "replaces": [old]}
-    storage.write_json(pool.url("units", f"source={source}", f"{name}.json"), record, tag="compact")
+    storage.write_json(pool.url("units", source, f"{name}.json"), record, tag="compact")
     storage.remove(url)
-    storage.remove(pool.url("units", f"source={source}", f"{old}.json"))
+    storage.remove(pool.url("units", source, f"{old}.json"))
     if not keep_units:
-        storage.remove(pool.url("units", f"source={source}", f"{name}.json"))
+        storage.remove(pool.url("units", source, f"{name}.json"))
 
 
 def pa_array(values: list[str]):

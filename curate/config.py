@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdcore.errors import UserError
+from kdcore.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from kdcore.options import option
-from kdcore.storage import DEFAULT_MAX_BYTES
-from kdcore.view import DEFAULT_MAX_PIXELS
 
 PROGRESS = "the pipeline's own --progress"
 WORK = "the job's work directory"

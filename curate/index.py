@@ -244,10 +244,10 @@ def _trained(pool: Pool, kind: str, factory: str, dim: int, n: int, rng, keep: b
 
 
 def _by_source(files: list[str]) -> dict[str, list[str]]:
-    """The pool's sample files by source name (from their source=NAME directory), sorted by name."""
+    """The pool's sample files by source name (from their NAME directory), sorted by name."""
     groups: dict[str, list[str]] = {}
     for f in files:
-        groups.setdefault(storage.name(storage.parent(f)).split("=", 1)[1], []).append(f)
+        groups.setdefault(storage.name(storage.parent(f)), []).append(f)
     return dict(sorted(groups.items()))
 
 

@@ -1,13 +1,14 @@
 """The pool: pool.json, per-unit Parquet parts, errors, completion records, on any storage.
 
     pool/pool.json                                  schema version, teacher, scores, sources
-    pool/samples/source=NAME/unit-ID.parquet        one row per decoded sample (zstd): only Parquet here,
-                                                    so generic hive readers (pyarrow, DuckDB, Spark, HF) read it
-    pool/samples/source=NAME/compact-N.parquet      many units' rows merged by `curate compact`
-    pool/units/source=NAME/unit-ID.json             the unit's completion record (rows, errors, fingerprint),
+    pool/samples/NAME/unit-ID.parquet               one row per decoded sample (zstd), `source` a column: only
+                                                    Parquet here, so any reader (pyarrow, pandas, DuckDB, Spark,
+                                                    Hugging Face) reads the folder as it is
+    pool/samples/NAME/compact-N.parquet      many units' rows merged by `curate compact`
+    pool/units/NAME/unit-ID.json             the unit's completion record (rows, errors, fingerprint),
                                                     written last: a unit without it is redone
-    pool/units/source=NAME/compact-N.json           a compact file's manifest (the units it holds): its commit
-    pool/errors/source=NAME/unit-ID.parquet         one row per sample that failed, with its reason
+    pool/units/NAME/compact-N.json           a compact file's manifest (the units it holds): its commit
+    pool/errors/NAME/unit-ID.parquet         one row per sample that failed, with its reason
     pool/index/embeddings.faiss + embeddings.json
     pool/locks/ROLE.lock                            who is writing (one scorer, one compactor at a time)
 
@@ -32,8 +33,8 @@ from kdcore import storage
 from kdcore.errors import UserError
 
 SCHEMA_VERSION = 2
-ERROR_COLUMNS = (("uid", "int64"), ("sample_id", "string"), ("key", "string"), ("unit", "string"),
-                 ("reason", "string"))  # fmt: skip
+ERROR_COLUMNS = (("uid", "int64"), ("sample_id", "string"), ("source", "string"), ("key", "string"),
+                 ("unit", "string"), ("reason", "string"))  # fmt: skip
 
 
 def error_schema():
@@ -89,16 +90,16 @@ class Pool:
         return self.url("pool.json")
 
     def samples_dir(self, source: str) -> str:
-        return self.url("samples", f"source={source}")
+        return self.url("samples", source)
 
     def part(self, source: str, unit: str) -> str:
-        return self.url("samples", f"source={source}", f"unit-{unit}.parquet")
+        return self.url("samples", source, f"unit-{unit}.parquet")
 
     def error_part(self, source: str, unit: str) -> str:
-        return self.url("errors", f"source={source}", f"unit-{unit}.parquet")
+        return self.url("errors", source, f"unit-{unit}.parquet")
 
     def record(self, source: str, unit: str) -> str:
-        return self.url("units", f"source={source}", f"unit-{unit}.json")
+        return self.url("units", source, f"unit-{unit}.json")
 
     @property
     def index_dir(self) -> str:
@@ -131,10 +132,10 @@ class Pool:
     # ------------------------------------------------------------------ units
     def records(self, source: str | None = None) -> list[dict[str, Any]]:
         """Completion records of complete units (of one source, or all), each with its 'source'."""
-        pattern = self.url("units", f"source={source or '*'}", "unit-*.json")
+        pattern = self.url("units", source or "*", "unit-*.json")
         out = []
         for url in storage.glob(pattern):
-            src = storage.name(storage.parent(url)).split("=", 1)[1]
+            src = storage.name(storage.parent(url))
             try:
                 out.append({"source": src, **json.loads(storage.read_bytes(url))})
             except (json.JSONDecodeError, FileNotFoundError):
@@ -173,7 +174,7 @@ class Pool:
     def compacted(self, source: str) -> dict[str, dict[str, Any]]:
         """Committed compact files of one source (manifest present, not replaced) -> their manifests."""
         manifests = {}
-        for url in storage.glob(self.url("units", f"source={source}", "compact-*.json")):
+        for url in storage.glob(self.url("units", source, "compact-*.json")):
             try:
                 manifests[storage.name(url).removesuffix(".json")] = json.loads(storage.read_bytes(url))
             except (json.JSONDecodeError, FileNotFoundError):
@@ -183,7 +184,7 @@ class Pool:
                 if n not in replaced}  # fmt: skip
 
     def sources_on_disk(self) -> list[str]:
-        return sorted({storage.name(u).split("=", 1)[1] for u in storage.glob(self.url("units", "source=*"))})
+        return sorted(storage.name(u) for u in storage.glob(self.url("units", "*")) if storage.isdir(u))
 
     def sample_files(self) -> list[str]:
         """The files to read: committed compact files, and the parts of complete units (record present)

@@ -45,18 +45,18 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
     if not files:
         raise UserError(f"pool {storage.redact(pool.root)} has no scored samples yet; run 'curate score' first")
     root = storage.absolute(pool.root)
-    all_parquet = storage.glob(storage.join(pool.root, "samples", "source=*", "*.parquet"))
+    all_parquet = storage.glob(storage.join(pool.root, "samples", "*", "*.parquet"))
     if len(files) == len(all_parquet):
         source = _lit(storage.join(root, "samples", "*", "*.parquet"))  # every file is complete: the glob
     else:  # units being written, or a compaction cut short: only what sample_files vouches for
         source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
     con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({source}, union_by_name=true)")
-    if storage.glob(storage.join(pool.root, "errors", "source=*", "*.parquet")):
+    if storage.glob(storage.join(pool.root, "errors", "*", "*.parquet")):
         errors = _lit(storage.join(root, "errors", "*", "*.parquet"))
-        con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, hive_partitioning=1)")
+        con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, union_by_name=true)")
     else:
         cols = ", ".join(f"NULL::{'BIGINT' if t == 'int64' else 'VARCHAR'} AS {n}" for n, t in ERROR_COLUMNS)
-        con.execute(f"CREATE VIEW errors AS SELECT {cols}, NULL::VARCHAR AS source WHERE false")
+        con.execute(f"CREATE VIEW errors AS SELECT {cols} WHERE false")
     if selection:
         path = storage.join(selection, "selection.parquet")
         if not storage.isfile(path):
@@ -96,7 +96,7 @@ def read_only(query: str) -> str:
     return query.strip().rstrip(";")
 
 
-def expression(text: str, what: str) -> str:
+def expression(text: str, what: str, con: duckdb.DuckDBPyConnection | None = None) -> str:
     """`text` when it is exactly one SQL expression, so it can stand inside ( ) of a query the tool writes;
     a UserError otherwise. DuckDB's own parser decides: `SELECT (text) AS __x FROM samples` must parse to one
     plain SELECT with one item, from samples, with no WHERE, GROUP BY, set operation, CTE or modifier
@@ -104,7 +104,7 @@ def expression(text: str, what: str) -> str:
     if not text or not text.strip():
         raise UserError(f"{what} is empty")
     probe = f"SELECT ({text}) AS __x FROM samples"
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con = con or duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     tree = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [probe]).fetchall()[0][0])
     if tree.get("error"):
         raise UserError(f"{what} is not a valid SQL expression: {tree.get('error_message', '').splitlines()[0]}")

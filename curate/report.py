@@ -245,7 +245,7 @@ def _thumbnails(con, meta: dict[str, Any], out_dir: Path, score: str, k: int) ->
     pick = (
         "SELECT source, unit, key, {s}, {top} AS top FROM samples "
         "QUALIFY row_number() OVER (PARTITION BY source ORDER BY {s} {order} NULLS LAST, uid) <= {k}"
-    )  # two single-window queries: DuckDB 2.0 fails on two windows over a hive partition column
+    )  # two single-window queries, one per direction
     rows = con.execute(
         f"SELECT * FROM ({pick.format(s=score, top='true', order='DESC', k=k)} UNION ALL "
         f"{pick.format(s=score, top='false', order='ASC', k=k)}) ORDER BY source, top DESC, {score} DESC"

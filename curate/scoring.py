@@ -179,7 +179,7 @@ class UnitRows:
     def error_table(self, source: str, unit: str) -> pa.Table:
         ids = [f"{source}/{k}" for k, _ in self.errors]
         return pa.table({"uid": pa.array([uid_of(s) for s in ids], pa.int64()), "sample_id": ids,
-                         "key": [k for k, _ in self.errors], "unit": [unit] * len(ids),
+                         "source": [source] * len(ids), "key": [k for k, _ in self.errors], "unit": [unit] * len(ids),
                          "reason": [r for _, r in self.errors]}, schema=error_schema())  # fmt: skip
 
 

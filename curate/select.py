@@ -51,14 +51,14 @@ def select(cfg: SelectConfig) -> SelectResult:
         raise UserError(f"--out {cfg.out} is a file; give a directory")
     dedup = parse_dedup(cfg.dedup)
     strategy = STRATEGIES[cfg.strategy]
-    where = f"WHERE ({expression(cfg.where, '--where')})" if cfg.where else ""
-    if strategy.scored:
-        expression(cfg.score, "--score")
     con = connect(cfg.pool)
+    where = f"WHERE ({expression(cfg.where, '--where', con)})" if cfg.where else ""
+    if strategy.scored:
+        expression(cfg.score, "--score", con)
     ctx = Context(cfg, con, pool, meta, where, np.random.default_rng(cfg.seed))
     try:
         picked = strategy.run(ctx)
-        candidates = _count(con, where)
+        candidates = picked.candidates if picked.candidates is not None else _count(con, where)
     except duckdb.Error as e:
         raise UserError(f"SQL error in --where or --score: {str(e).strip().splitlines()[0]}") from None
     if candidates == 0:
@@ -69,8 +69,8 @@ def select(cfg: SelectConfig) -> SelectResult:
         keep = dedup_exact(con, picked.uid, picked.score) if dedup == "exact" else \
             dedup_near(con, picked.uid, picked.score, dedup)  # fmt: skip
         removed = len(keep) - int(keep.sum())
-        picked = Picked(picked.uid[keep], picked.score[keep], weight[keep],
-                        None if picked.prob is None else picked.prob[keep], picked.short)  # fmt: skip
+        prob = None if picked.prob is None else picked.prob[keep]
+        picked = Picked(picked.uid[keep], picked.score[keep], weight[keep], prob, picked.short, picked.candidates)
         weight = picked.weight
     table = _selection_table(con, picked, weight)
     short = {meta["classes"][c]: n for c, n in sorted(picked.short.items())}
@@ -166,7 +166,7 @@ def parse_dedup(spec: str | None) -> str | float | None:
 
 def dedup_exact(con: duckdb.DuckDBPyConnection, uids: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Keep, per content_hash, the highest-scoring sample (lowest uid on ties)."""
-    con.register("_sel", pa.table({"uid": uids, "score": score}))
+    con.register("_sel", {"uid": uids, "score": score})  # a dict of arrays: no pandas, no copy
     kept = con.execute(
         "SELECT uid FROM (SELECT s.uid, row_number() OVER (PARTITION BY s.content_hash ORDER BY x.score DESC, s.uid)"
         " AS r FROM samples s JOIN _sel x USING (uid)) WHERE r = 1"
@@ -281,7 +281,7 @@ def _selection_table(con: duckdb.DuckDBPyConnection, picked: Picked, weight: np.
     cols = {"uid": picked.uid, "weight": weight, "score": picked.score.astype(np.float32)}
     if picked.prob is not None:
         cols["prob"] = picked.prob.astype(np.float32)
-    con.register("_picked", pa.table(cols))
+    con.register("_picked", cols)
     extra = ", p.prob" if picked.prob is not None else ""
     table = con.sql(
         "SELECT s.uid, s.sample_id, s.source, s.pred, s.label, p.weight, p.score" + extra + " FROM samples s "
@@ -295,7 +295,7 @@ def embeddings(con: duckdb.DuckDBPyConnection, uids: np.ndarray) -> np.ndarray:
     """L2-normalised embeddings of `uids`, in that order."""
     import faiss
 
-    con.register("_want", pa.table({"uid": uids, "pos": np.arange(len(uids))}))
+    con.register("_want", {"uid": uids, "pos": np.arange(len(uids))})
     t = con.sql("SELECT w.pos, s.embedding FROM samples s JOIN _want w USING (uid) "
                 "QUALIFY row_number() OVER (PARTITION BY w.pos) = 1 ORDER BY w.pos").to_arrow_table()  # fmt: skip
     con.unregister("_want")

@@ -34,6 +34,7 @@ class Picked:
     weight: np.ndarray | None = None  # the trainer's loss multiplier (times drawn), else 1
     prob: np.ndarray | None = None  # sampling probability of a weighted draw
     short: dict[int, int] = field(default_factory=dict)  # class -> candidates, for classes short of K
+    candidates: int | None = None  # the filtered samples with a score, when the strategy counted them
 
 
 @dataclass
@@ -107,20 +108,22 @@ def _threshold(ctx: Context) -> Picked:
 
 
 def _top_per_class(ctx: Context) -> Picked:
-    """One DuckDB window query: the K best per predicted class (ties: lower uid), with each class's size."""
+    """One DuckDB window query: the K best per predicted class (ties: lower uid); one aggregate for each
+    class's size (two windows in one query cost more than the two queries)."""
     k = int(ctx.cfg.per_class)
     score = f"({ctx.cfg.score})::DOUBLE"
     where = f"{ctx.where} AND {score} IS NOT NULL" if ctx.where else f"WHERE {score} IS NOT NULL"
     t = ctx.con.sql(
-        f"SELECT uid, pred, {score} AS score, count(*) OVER (PARTITION BY pred) AS available FROM samples {where} "
+        f"SELECT uid, {score} AS score FROM samples {where} "
         f"QUALIFY row_number() OVER (PARTITION BY pred ORDER BY {score} DESC, uid) <= {k}"
     ).to_arrow_table()
     if t.num_rows == 0:
         raise UserError("the filter leaves no samples with a score" if ctx.where else "the pool has no samples")
-    pred = t.column("pred").to_numpy().astype(np.int64)
-    available = dict(zip(pred.tolist(), t.column("available").to_numpy().tolist(), strict=True))
+    available = dict(ctx.con.execute(f"SELECT pred, count(*) FROM samples {where} GROUP BY pred").fetchall())
     short = {c: int(available.get(c, 0)) for c in range(ctx.n_classes) if available.get(c, 0) < k}
-    return Picked(t.column("uid").to_numpy(), t.column("score").to_numpy().astype(np.float64), short=short)
+    picked = Picked(t.column("uid").to_numpy(), t.column("score").to_numpy().astype(np.float64), short=short)
+    picked.candidates = sum(available.values())
+    return picked
 
 
 def top_per_class(pred: np.ndarray, score: np.ndarray, k: int, uid: np.ndarray) -> np.ndarray:

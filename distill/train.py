@@ -241,6 +241,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                     append_metrics(out / "metrics.jsonl", {"step": step, **_scalars(final)})
                 ddp.train()
             if step % cfg.checkpoint_every == 0 or last:
+                if world > 1:
+                    _average_buffers(model, world)  # BatchNorm statistics of every rank's data, not rank 0's
                 if rank == 0:
                     _save_state(ckpt_path, model, opt, sched, step, epoch + seen // epoch_size, proj)
                 if world > 1:
@@ -332,6 +334,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _average_buffers(model: nn.Module, world: int) -> None:
+    """All-reduce the floating buffers (BatchNorm running statistics) to their mean over ranks: DDP keeps the
+    parameters equal but each rank's statistics follow its own shards (timm's distribute_bn, 'reduce')."""
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
 
 
 def _dist_env() -> tuple[int, int, int]:

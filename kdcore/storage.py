@@ -29,7 +29,6 @@ from typing import IO, Any
 from kdcore.errors import UserError
 
 TMP_SUFFIX = ".tmp"
-DEFAULT_MAX_BYTES = 64 << 20  # per sample: larger files, tar members and Parquet cells are refused, never read
 REMOTE = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 READ_ONLY = ("http", "https", "pipe")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kdcore.errors import UserError
+from kdcore.limits import DEFAULT_MAX_PIXELS
 
-DEFAULT_MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
 ORIENTATION = 0x0112  # EXIF tag
 RESIZE = "shorter-side+center-crop"
 

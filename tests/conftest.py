@@ -125,3 +125,80 @@ def pool(teacher, tmp_path_factory):
     result = score(cfg)
     assert result.rows == 297 + 300 + 200 + 200
     return root
+
+
+# ------------------------------------------------------------------------------ encoded files users bring
+
+
+def _encode(img, fmt: str, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def odd_images(seed: int = 0) -> dict[str, bytes]:
+    """Encoded files of the modes and formats users bring, each with content (gradients, noise) so that a
+    different decode gives different pixels: RGBA and LA with transparency over white, 16-bit grey, CMYK JPEG,
+    a palette with transparency, an EXIF-rotated JPEG, a JPEG large enough for draft decoding, WebP, BMP,
+    GIF, a float TIFF."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:48, 0:64]
+    grad = ((xx * 4 + yy * 2) % 256).astype(np.uint8)
+    rgb = np.stack([grad, 255 - grad, rng.integers(0, 256, grad.shape, dtype=np.uint8)], -1).astype(np.uint8)
+    alpha = np.where(xx < 32, 0, 255).astype(np.uint8)  # left half fully transparent
+    white = np.full_like(rgb, 255)
+    rgba = np.concatenate([np.where(alpha[..., None] == 0, white, rgb), alpha[..., None]], -1)
+    files = {
+        "rgba.png": _encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "la.png": _encode(Image.fromarray(np.stack([255 - grad, (xx * 4).astype(np.uint8)], -1), "LA"), "PNG"),
+        "gray16.png": _encode(Image.fromarray(grad.astype(np.uint16) * 235), "PNG"),
+        "cmyk.jpg": _encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=90),
+        "webp.webp": _encode(Image.fromarray(rgb), "WEBP", quality=90),
+        "bmp.bmp": _encode(Image.fromarray(rgb), "BMP"),
+        "tiff-float.tif": _encode(Image.fromarray((grad / 255.0).astype(np.float32), "F"), "TIFF"),
+    }
+    pal = Image.fromarray(rgb).quantize(16)
+    files["palette-trns.png"] = _encode(pal, "PNG", transparency=int(np.asarray(pal)[0, 0]))
+    files["palette.gif"] = _encode(pal, "GIF", transparency=int(np.asarray(pal)[0, 0]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["exif-rotated.jpg"] = _encode(Image.fromarray(rgb), "JPEG", quality=92, exif=exif.tobytes())
+    big = np.asarray(Image.fromarray(rgb).resize((1600, 1200), Image.BILINEAR))
+    files["large.jpg"] = _encode(Image.fromarray(big), "JPEG", quality=90)
+    return files
+
+
+CORRUPT = {"truncated.png": "corrupt", "zero.jpg": "zero-byte", "text.png": "not an image"}
+
+
+def write_odd_folder(folder: Path, labelled: bool = False, corrupt: bool = True) -> dict[str, bytes]:
+    """odd_images() as files (under class folders a/ and b/ when labelled), plus a few corrupt ones."""
+    files = odd_images()
+    written = {}
+    for i, (name, data) in enumerate(sorted(files.items())):
+        rel = f"{'ab'[i % 2]}/{name}" if labelled else name
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+        written[rel] = data
+    if corrupt:
+        (folder / "truncated.png").write_bytes(files["rgba.png"][:100])
+        (folder / "zero.jpg").write_bytes(b"")
+        (folder / "text.png").write_text("hello, I am not a picture")
+    return written
+
+
+def rgb_teacher(path: Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
+    """An untrained RGB MLP with large output weights, saved as a checkpoint: every pixel moves its logits by a
+    visible amount, so a view that differs anywhere gives different logits (all the view tests need)."""
+    torch.manual_seed(seed)
+    spec = models.InputSpec(size, 3, (0.5, 0.45, 0.4), (0.25, 0.25, 0.25))
+    model, factory, kwargs = models.build("mlp", classes, spec)
+    with torch.no_grad():
+        model.fc.weight.mul_(50.0)
+    model.eval()
+    models.save_checkpoint(path, model, factory, kwargs, [f"class-{i}" for i in range(classes)], spec)
+    return path

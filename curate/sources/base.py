@@ -54,7 +54,7 @@ class ReadError:
 @dataclass(frozen=True)
 class Unit:
     source: str
-    id: str  # file name part: samples/source=NAME/unit-ID.parquet
+    id: str  # file name part: samples/NAME/unit-ID.parquet
     args: tuple  # kind-specific (paths, ranges)
     size: int | None  # samples in the unit when known up front
     fingerprint: str | None = None  # what the unit holds (names, sizes, mtimes); a change means rescore

@@ -20,6 +20,7 @@ from typing import Any
 from curate.sources.base import RawSample, ReadError, Source, Unit, digest
 from kdcore import storage
 from kdcore.errors import UserError
+from kdcore.limits import DEFAULT_MAX_BYTES
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_UNIT = 1024
@@ -31,7 +32,7 @@ def _safe(name: str) -> str:
 
 
 class FileSource(Source):
-    max_bytes: int = storage.DEFAULT_MAX_BYTES  # set from --max-bytes by the caller
+    max_bytes: int = DEFAULT_MAX_BYTES  # set from --max-bytes by the caller
 
 
 # -------------------------------------------------------------------------------------------- folder

@@ -39,9 +39,9 @@ def test_compact_merges_parts_and_every_reader_sees_the_same_rows(small_units):
     proc = run_cli("curate", "compact", str(root), "--target-rows", "300", "--row-group-rows", "128", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "23 files -> 5" in proc.stdout  # 20 noise parts -> 4 files, 3 digits parts (297 rows) -> 1
-    noise = root / "samples" / "source=noise"
+    noise = root / "samples" / "noise"
     assert not list(noise.glob("unit-*.parquet")) and len(list(noise.glob("compact-*.parquet"))) == 4
-    manifest = json.loads((root / "units" / "source=noise" / "compact-000001.json").read_text())
+    manifest = json.loads((root / "units" / "noise" / "compact-000001.json").read_text())
     assert manifest["units"] == [f"{i:06d}" for i in range(6)] and manifest["rows"] == 300
     meta = pq.read_metadata(noise / "compact-000001.parquet")
     assert meta.num_rows == 300 and meta.num_row_groups == 3  # 128 + 128 + 44
@@ -56,7 +56,7 @@ def test_compact_merges_parts_and_every_reader_sees_the_same_rows(small_units):
 def test_a_compaction_killed_at_any_step_loses_and_duplicates_nothing(small_units):
     root, _ = small_units
     before = snapshot(root)
-    noise = root / "samples" / "source=noise"
+    noise = root / "samples" / "noise"
     saved = noise.parent.parent.parent / "saved"
     shutil.copytree(noise, saved)
     compact(CompactConfig(str(root), target_rows=300, show_progress=False))

@@ -6,6 +6,7 @@ import json
 
 import faiss
 import numpy as np
+import pytest
 
 from curate.config import IndexConfig, ScoreConfig
 from curate.index import embedding_batches, index
@@ -85,3 +86,31 @@ def test_sources_split_across_processes_then_one_merge(teacher, tmp_path):
     assert proc.returncode == 2 and "no scored samples for source(s) nope" in proc.stderr
     proc = run_cli(*[a for a in args if a != "--per-source"], "--sources", "noise")
     assert proc.returncode == 2 and "add --per-source" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recall_at_10_is_measured_not_assumed(pool):
+    """On an index built to be poor (IVF with 1 probe over 4-bit PQ codes) the measured recall matches an
+    exact computation done here, and is far from the 1.0 of a flat index."""
+    import numpy as np
+
+    from curate.index import embedding_batches, measure_recall
+    from curate.pool import Pool
+
+    p = Pool(str(pool))
+    uids, vecs = map(np.concatenate, zip(*embedding_batches(p), strict=True))
+    poor = faiss.index_factory(vecs.shape[1], "IVF32,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    poor.train(vecs)
+    poor.add_with_ids(vecs, uids)
+    faiss.extract_index_ivf(poor).nprobe = 1
+    queries = vecs[::7][:100]
+    measured = measure_recall(p, poor, queries, k=10)
+    _, found = poor.search(queries, 10)
+    sims = queries @ vecs.T
+    kth = -np.partition(-sims, 9, axis=1)[:, 9]
+    row = {int(u): i for i, u in enumerate(uids)}
+    hits = sum(int(sims[q, row[int(u)]] >= kth[q] - 1e-5) for q in range(len(queries)) for u in found[q] if u != -1)
+    assert measured == pytest.approx(hits / (len(queries) * 10), abs=1e-3)
+    assert measured < 0.8
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vecs.shape[1]))
+    flat.add_with_ids(vecs, uids)
+    assert measure_recall(p, flat, queries, k=10) == 1.0

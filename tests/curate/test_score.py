@@ -13,6 +13,7 @@ import time
 import duckdb
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -25,7 +26,7 @@ from curate.sources import content_hash, uid_of
 from curate.sources.builtin import digits as load_digits
 from tests.conftest import ROOT, auroc, run_cli
 
-SAMPLES = "read_parquet('{pool}/samples/*/*.parquet', hive_partitioning=1)"
+SAMPLES = "read_parquet('{pool}/samples/*/*.parquet')"
 
 
 def test_pool_layout_columns_and_conventions(pool):
@@ -33,8 +34,8 @@ def test_pool_layout_columns_and_conventions(pool):
     assert meta["teacher"]["sha256"] and meta["classes"] == [str(i) for i in range(10)]
     assert all("higher means more related" in s["direction"] for s in meta["scores"].values())
     assert meta["embedding"]["dim"] == 32 and meta["input"]["size"] == 8
-    parts = sorted((pool / "samples" / "source=digits").glob("unit-*.parquet"))
-    records = pool / "units" / "source=digits"
+    parts = sorted((pool / "samples" / "digits").glob("unit-*.parquet"))
+    records = pool / "units" / "digits"
     assert len(parts) == 3 and all((records / f"{p.stem}.json").exists() for p in parts)
     assert not [p for p in (pool / "samples").rglob("*") if p.is_file() and p.suffix != ".parquet"]
     assert pq.read_metadata(parts[0]).row_group(0).column(0).compression == "ZSTD"
@@ -49,17 +50,27 @@ def test_pool_layout_columns_and_conventions(pool):
     assert (row["width"], row["height"]) == (8, 8)
 
 
-def test_generic_readers_read_the_pool_as_it_is(pool):
-    """pyarrow datasets (hive or not) see only Parquet under samples/, with the source column."""
+def test_generic_readers_read_the_pool_folder_as_it_is(pool):
+    """pyarrow datasets (hive discovery or not), pq.read_table, pandas and DuckDB read samples/ as it is: only
+    Parquet there, the source a column of every file."""
+    import pandas as pd
     import pyarrow.dataset as ds
 
-    hive = ds.dataset(pool / "samples", partitioning="hive").to_table(columns=["uid", "source"])
-    plain = ds.dataset(pool / "samples", format="parquet").to_table(columns=["uid", "source"])
-    assert hive.num_rows == plain.num_rows == 997
-    assert sorted(set(plain.column("source").to_pylist())) == ["digits", "glyphs", "leaves", "noise"]
+    tables = [
+        ds.dataset(pool / "samples", partitioning="hive").to_table(columns=["uid", "source"]),
+        ds.dataset(pool / "samples", format="parquet").to_table(columns=["uid", "source"]),
+        pq.read_table(pool / "samples", columns=["uid", "source"]),
+        pa.Table.from_pandas(pd.read_parquet(pool / "samples", columns=["uid", "source"])),
+        duckdb.sql(
+            f"SELECT uid, source FROM read_parquet('{pool}/samples/*/*.parquet', hive_partitioning=1)"
+        ).to_arrow_table(),
+    ]
+    for t in tables:
+        assert t.num_rows == 997
+        assert sorted(set(map(str, t.column("source").to_pylist()))) == ["digits", "glyphs", "leaves", "noise"]
 
 
-def test_duckdb_reads_the_pool_with_hive_partitioning(pool):
+def test_duckdb_reads_the_pool(pool):
     q = f"SELECT source, count(*) n, count(label) labelled FROM {SAMPLES} GROUP BY source ORDER BY source"
     rows = duckdb.sql(q.format(pool=pool)).fetchall()
     assert rows == [("digits", 297, 297), ("glyphs", 200, 0), ("leaves", 200, 0), ("noise", 300, 0)]

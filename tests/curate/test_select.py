@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from curate.query import connect
 from curate.score import score
 from curate.select import read_selection, select
 from curate.sources.builtin import digits as load_digits
-from curate.strategies import draw_probabilities, water_fill
+from curate.strategies import draw_probabilities, top_per_class, water_fill
 from tests.conftest import run_cli
 
 
@@ -246,3 +247,27 @@ def test_cli_select_and_its_errors(pool, tmp_path):
         assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     proc = run_cli("curate", "select", str(pool), "--strategy", "balanced", "--n", "5", "--out", str(pool / "sel"))
     assert proc.returncode == 2 and "inside the pool" in proc.stderr
+
+
+def test_top_per_class_with_absent_and_short_classes_matches_a_reference(pool, tmp_path):
+    """A filter that leaves some classes out (the highest among them) and others short: the picks are exactly
+    the K best per present class, every absent or short class is reported with what it had."""
+    allp = pool_column(pool, "SELECT uid, pred, energy FROM samples WHERE pred NOT IN (9, 3)")
+    counts = np.bincount(allp["pred"], minlength=10)
+    k = int(np.sort(counts[counts > 0])[len(counts[counts > 0]) // 2])  # some classes short of K, some not
+    table, info = run(pool, tmp_path / "sel", strategy="top-per-class", per_class=k, score="energy",
+                      where="pred NOT IN (9, 3)")  # fmt: skip
+    want = allp["uid"][top_per_class(allp["pred"], allp["energy"].astype(np.float64), k, allp["uid"])]
+    assert sorted(table.column("uid").to_pylist()) == sorted(want.tolist())
+    short = {c: int(counts[c]) for c in range(10) if counts[c] < k}
+    assert info["short_classes"] == {info["classes"][c]: n for c, n in short.items()}
+    assert {"9", "3"} <= set(info["short_classes"]) and info["short_classes"]["9"] == 0
+    assert any(counts[c] > k for c in range(10))
+
+
+def test_weighted_probabilities_against_a_hand_computation():
+    score = np.array([1.0, 2.0, 4.0])
+    p = draw_probabilities(score, temperature=2.0)
+    e = [math.exp(0.5), math.exp(1.0), math.exp(2.0)]
+    assert p.tolist() == pytest.approx([v / sum(e) for v in e])
+    assert draw_probabilities(score, gamma=2.0).tolist() == pytest.approx([1 / 21, 4 / 21, 16 / 21])

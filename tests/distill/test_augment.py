@@ -52,6 +52,16 @@ def test_randaugment_keeps_shape_and_range(batch):
     assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, batch)
 
 
+def test_randaugment_draws_one_op_sequence_per_group():
+    """16 copies of one image in 4 groups: equal within a group (one draw), different across groups."""
+    torch.manual_seed(4)
+    one = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    out = randaugment(one.expand(16, -1, -1, -1).contiguous(), groups=4)
+    groups = out.view(4, 4, 3, 16, 16)
+    assert all(torch.equal(g[0], g[i]) for g in groups for i in range(4))
+    assert len({tuple(g[0].flatten().tolist()) for g in groups}) > 1
+
+
 def test_augment_pipeline_options(batch):
     x, mix = augment(batch, AugmentConfig())
     assert mix is None and torch.equal(x, batch)

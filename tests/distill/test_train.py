@@ -78,6 +78,18 @@ def test_agreement_with_the_teacher_on_shards_with_logits(shards, tmp_path):
     assert res["samples"] == 297  # only the digits have true labels in the teacher's class space
 
 
+def test_agreement_is_against_the_teacher_and_accuracy_against_true_labels(shards, teacher, pool):
+    """The teacher evaluated on its own soft labels agrees on every sample, while its accuracy on the labelled
+    digits is whatever it is: two different measures."""
+    import duckdb
+
+    train_dir, _ = shards
+    res = evaluate(EvalConfig(str(teacher), str(train_dir), workers=0))
+    assert res["agreement"] == 1.0 and res["teacher_samples"] == 997
+    acc = duckdb.sql(f"SELECT avg((pred = label)::DOUBLE) FROM '{pool}/samples/*/*.parquet' WHERE label IS NOT NULL")
+    assert res["accuracy"] == pytest.approx(acc.fetchall()[0][0]) and res["accuracy"] < 1.0
+
+
 def test_supervised_training_on_true_labels(shards, tmp_path):
     _, eval_dir = shards
     res = train(cfg(eval_dir, tmp_path / "sup", loss="ce", labels="true", steps=80, eval=str(eval_dir)))
@@ -178,20 +190,56 @@ def test_two_torchrun_ranks_see_every_sample_once_per_epoch(shards, tmp_path):
     assert orders[0] != orders[1] or orders[1] != orders[2]  # shard order reshuffled between epochs
 
 
-def test_ddp_with_two_processes_under_torchrun(shards, tmp_path):
+DDP_PROBE = """
+import os, sys, torch
+import distill.train as t
+from distill.config import TrainConfig
+
+models = []
+real_build = t.build
+
+
+def build(*args, **kwargs):  # keep each rank's own model object: DDP trains it in place
+    model, factory, kw = real_build(*args, **kwargs)
+    models.append(model)
+    return model, factory, kw
+
+
+t.build = build
+shards, out, weights = sys.argv[1:4]
+t.train(TrainConfig(shards=shards, out=out, student="cnn-tiny", steps=12, batch_size=32, workers=0,
+                    shuffle_buffer=0, show_progress=False, eval=sys.argv[4] if len(sys.argv) > 4 else None,
+                    eval_every=12))
+torch.save(models[0].state_dict(), f"{weights}/rank{os.environ.get('RANK', '0')}.pt")
+"""
+
+
+def test_ddp_ranks_fed_different_shards_end_with_identical_weights(shards, tmp_path):
+    """Two torchrun ranks read disjoint shards, yet all-reduced gradients keep their weights identical; a
+    single process trained on one half of the shards ends elsewhere."""
     train_dir, eval_dir = shards
-    out = tmp_path / "ddp"
+    probe = tmp_path / "ddp_probe.py"
+    probe.write_text(DDP_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "distill", "train", str(train_dir), "--out", str(out), "--student", "cnn-tiny", "--steps", "30",
-         "--batch-size", "32", "--workers", "0", "--no-progress", "--eval", str(eval_dir), "--eval-every", "30"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
-        text=True, timeout=300,
+         str(probe), str(train_dir), str(tmp_path / "ddp"), str(tmp_path), str(eval_dir)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    config = json.loads((out / "config.json").read_text())
-    assert config["world_size"] == 2 and (out / "student.pt").is_file()
-    assert models.load(str(out)).classes == [str(i) for i in range(10)]
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert config["world_size"] == 2 and (tmp_path / "ddp" / "student.pt").is_file()
+    assert models.load(str(tmp_path / "ddp")).classes == [str(i) for i in range(10)]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    half = str(train_dir / "shard-{000000..000004}.tar")
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    proc = subprocess.run([sys.executable, str(probe), half, str(tmp_path / "one"), str(solo)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone = torch.load(solo / "rank0.pt", weights_only=True)
+    assert max(float((alone[k].float() - r0[k].float()).abs().max()) for k in r0) > 1e-3
 
 
 def test_cli_errors(shards, tmp_path):

@@ -155,3 +155,28 @@ def test_shipped_specs_are_valid():
     for name in ("demo.toml", "demo-digits.toml", "example.toml"):
         job = load_job(str(ROOT / "pipelines" / name))
         assert list(job.stages) == ["teacher", "score", "index", "select", "export", "eval", "distill", "report"]
+
+
+def test_a_changed_weights_file_reruns_the_teacher_and_score_stages(teacher, tmp_path):
+    """The teacher's fingerprint follows every file its spec reads: here the weights= of a python: spec."""
+    import torch
+
+    from distill import models
+
+    weights = tmp_path / "weights.pt"
+    state = models.load(str(teacher)).model.state_dict()
+    torch.save(state, weights)
+    spec = (f"python:distill.models:small_cnn?in_channels=1&num_classes=10&width=8&weights={weights}"
+            "&size=8&channels=1&mean=0.25&std=0.35")  # fmt: skip
+    job = tmp_path / "job.toml"
+    job.write_text(f'[job]\nwork = "{tmp_path / "work"}"\n[teacher]\nspec = "{spec}"\n'
+                   '[score]\nsources = ["n=synthetic:noise?n=64&size=8"]\n')  # fmt: skip
+    assert actions(run(str(job), show_progress=False)) == {"teacher": "run", "score": "run"}
+    assert actions(run(str(job), show_progress=False)) == {"teacher": "skip", "score": "skip"}
+    sha = json.loads((tmp_path / "work" / "score" / "pool" / "pool.json").read_text())["teacher"]["sha256"]
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    again = run(str(job), show_progress=False)
+    assert actions(again) == {"teacher": "run", "score": "run"}
+    assert {s.reason for s in again.stages} == {"parameters or inputs changed"}
+    new = json.loads((tmp_path / "work" / "score" / "pool" / "pool.json").read_text())["teacher"]["sha256"]
+    assert new != sha
