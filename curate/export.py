@@ -392,7 +392,7 @@ def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
                 errors.append({"uid": uid, "sample_id": sample_id, "reason": s.reason})
                 continue
             try:
-                ext, data = image_bytes(s.data)
+                ext, data = image_bytes(s.data, validate=True)
             except DecodeError as e:
                 errors.append({"uid": uid, "sample_id": sample_id, "reason": f"not a readable image: {e}"})
                 continue
@@ -406,19 +406,22 @@ def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
             yield sample
 
 
-def image_bytes(data: bytes | np.ndarray) -> tuple[str, bytes]:
+def image_bytes(data: bytes | np.ndarray, validate: bool = False) -> tuple[str, bytes]:
     """(extension, bytes): the original encoding when it is PNG, JPEG or WebP; otherwise a lossless PNG that
     decodes (kdcore.view) to exactly the pixels the original does: first frame, EXIF orientation applied,
-    transparency kept, modes PNG cannot hold brought to the 8-bit form the view makes of them."""
+    transparency kept, modes PNG cannot hold brought to the 8-bit form the view makes of them. `validate`
+    decodes kept files too (bytes never scored: a truncated file is refused here, not in training)."""
     if isinstance(data, bytes):
         try:
             with Image.open(io.BytesIO(data)) as probe:
                 fmt = probe.format
         except (OSError, SyntaxError, ValueError) as e:
             raise DecodeError(f"not an image: {e}") from None
-        if fmt in KEEP_FORMATS:
+        if fmt in KEEP_FORMATS and not validate:
             return KEEP_FORMATS[fmt], data
         img, _ = open_image(data)  # first frame, orientation applied, bombs and corrupt files refused
+        if fmt in KEEP_FORMATS:
+            return KEEP_FORMATS[fmt], data
         if img.mode not in PNG_MODES:
             grey = img.mode in ("I", "F") or img.mode.startswith("I;16")
             img = to_mode(img, 1 if grey else 3)

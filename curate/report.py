@@ -1,40 +1,40 @@
 """`curate report`: the page a data engineer opens to decide what to distill from.
 
-Everything is aggregated in DuckDB (counts, histograms, class histograms: streaming, exact); only the
-thumbnails re-read images, and only the few they show. Plots are matplotlib PNGs beside report.html.
+Everything is aggregated in DuckDB (counts, binned histograms, class histograms, ROC curves from binned
+score counts: streaming, exact to the bin); only the thumbnails re-read images, and only the few they show.
+Plots are matplotlib PNGs beside report.html (curate/report_plots.py).
 
 Sources "of the task" are the labelled sources whose classes are the teacher's classes (or those named
 with --task-source); where there are any, the report measures how well each score separates them from
-the rest (AUROC, positive = of the task, the OpenOOD convention) and the precision of the selection.
+the rest (AUROC and ROC curves, positive = of the task, the OpenOOD convention) and the precision of the
+selection. With many classes, class histograms become tables of each source's most predicted classes.
 """
 
 from __future__ import annotations
 
 import html
-import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import duckdb
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from curate.config import ReportConfig  # noqa: E402
-from curate.pool import Pool  # noqa: E402
-from curate.query import connect  # noqa: E402
-from curate.scores import SCORES  # noqa: E402
-from curate.select import rel_entropy  # noqa: E402
-from curate.sources import parse_source, read_keys  # noqa: E402
-from kdcore import storage  # noqa: E402
-from kdcore.errors import UserError  # noqa: E402
-from kdcore.view import DecodeError, InputSpec, to_pixels  # noqa: E402
+from curate import report_plots as plots
+from curate.config import ReportConfig
+from curate.pool import Pool
+from curate.query import connect, expression
+from curate.scores import SCORES
+from curate.select import rel_entropy
+from kdcore import storage
+from kdcore.errors import UserError
 
 HIST_SCORES = ("confidence", "energy", "bn_score")
-BINS = 40
+BINS, ROC_BINS = 40, 400
+MAX_BARS = 30  # more classes than this: tables of the most predicted classes instead of bars
 
 
 @dataclass
@@ -48,52 +48,70 @@ class ReportResult:
 
 def report(cfg: ReportConfig) -> ReportResult:
     t0 = time.perf_counter()
-    pool_dir, out, selection, score, thumbs = cfg.pool, cfg.out, cfg.selection, cfg.score, cfg.thumbs
-    task_sources = cfg.task_sources
-    pool = Pool(pool_dir)
+    pool = Pool(cfg.pool)
     meta = pool.meta()
-    out_dir = Path(out)
-    if storage.inside(out, pool.root):
-        raise UserError(f"--out {out} is inside the pool; reports live beside it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    con = connect(pool_dir, selection)
+    if storage.inside(cfg.out, pool.root):
+        raise UserError(f"--out {cfg.out} is inside the pool; reports live beside it")
+    if storage.isfile(cfg.out):
+        raise UserError(f"--out {cfg.out} is a file; give a directory")
+    con = connect(cfg.pool, cfg.selection)
     classes = meta["classes"]
     available = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
-    if score not in available:
-        raise UserError(f"--score {score!r} is not a column of the pool; scores: {', '.join(SCORES)}")
+    expression(cfg.score, "--score", con)
+    try:
+        con.execute(f"SELECT ({cfg.score}) FROM samples LIMIT 0").fetchall()
+    except duckdb.Error as err:
+        raise UserError(f"--score {cfg.score!r}: {str(err).strip().splitlines()[0]}") from None
     scores = [s for s in SCORES if s in available and _non_null(con, s)]
-    task = _task_sources(meta, task_sources)
+    task = _task_sources(meta, cfg.task_sources)
+    local = Path(cfg.out) if storage.is_local(cfg.out) else Path(tempfile.mkdtemp(prefix="kdcurate-report-"))
+    local.mkdir(parents=True, exist_ok=True)
 
-    # ---- per source
-    rows = con.execute(
-        "SELECT source, count(*), avg(confidence), avg(energy), avg(bn_score) FROM samples GROUP BY source ORDER BY 1"
-    ).fetchall()
+    rows = con.execute("SELECT source, count(*), avg(confidence), avg(energy), avg(bn_score) FROM samples "
+                       "GROUP BY source ORDER BY 1").fetchall()  # fmt: skip
     errors = dict(con.execute("SELECT source, count(*) FROM errors GROUP BY source").fetchall())
     hist = _class_hist(con, "samples", len(classes))
-    sources = [
-        {
-            "source": s, "rows": n, "errors": int(errors.get(s, 0)), "confidence": c, "energy": e, "bn_score": b,
-            "rel_entropy": rel_entropy(hist[s]), "task": s in task,
-        }
-        for s, n, c, e, b in rows
-    ]  # fmt: skip
-    images = [_plot_histograms(con, out_dir, [s for s in HIST_SCORES if s in scores])]
-    images.append(_plot_classes(out_dir / "classes.png", hist, classes, "predicted class per source"))
-    auroc = _auroc(con, scores, task) if task and len(task) < len(hist) else {}
-    thumb_files = _thumbnails(con, meta, out_dir, score, thumbs)
-    images += thumb_files
-
-    sel_info = None
-    if selection:
+    sources = [{"source": s, "rows": n, "errors": int(errors.get(s, 0)), "confidence": c, "energy": e,
+                "bn_score": b, "rel_entropy": rel_entropy(hist[s]), "task": s in task,
+                "top_classes": _top_classes(hist[s], classes)} for s, n, c, e, b in rows]  # fmt: skip
+    images = [plots.histograms(local / "scores.png", _histograms(con, [s for s in HIST_SCORES if s in scores]))]
+    if len(classes) <= MAX_BARS:
+        images.append(plots.class_bars(local / "classes.png", hist, classes, "predicted class per source",
+                                       rel_entropy))  # fmt: skip
+    auroc, curves = {}, {}
+    if task and len(task) < len(hist):
+        auroc = _auroc(con, scores, task)
+        curves = {s: c for s in auroc if (c := _roc(con, s, task)) is not None}
+        images.append(plots.roc_curves(local / "roc.png", {s: (f, t, auroc[s]) for s, (f, t) in curves.items()}))
+    px_rows = _thumbnail_rows(con, cfg.score, cfg.thumbs, classes)
+    sel_info, sel_rows = None, []
+    if cfg.selection:
         sel_info = _selection_summary(con, classes, task, scores)
-        sel_hist = _class_hist(con, "selection", len(classes))
-        images.append(_plot_selection(out_dir / "selection.png", sources, sel_info, sel_hist, classes))
-
-    page = _html(meta, pool, sources, auroc, task, thumb_files, sel_info, images, score, time.perf_counter() - t0)
-    path = out_dir / "report.html"
-    path.write_text(page)
-    storage.write_json(str(out_dir / "report.json"), {"sources": sources, "auroc": auroc, "selection": sel_info})
-    return ReportResult(str(path), sources, auroc, sel_info, [str(out_dir / i) for i in images])
+        total = sum(_class_hist(con, "selection", len(classes)).values(), np.zeros(len(classes)))
+        images.append(plots.selection_bars(local / "selection.png", sel_info["composition"], total, classes,
+                                           rel_entropy))  # fmt: skip
+        sel_rows = _selection_thumbnail_rows(con, classes, max(1, min(cfg.thumbs, 8)))
+    thumbs = []
+    if cfg.thumbs:
+        px = plots.pixels(meta, [r for _, items in px_rows + sel_rows for r in items])
+        for src in sorted({r["source"] for _, items in px_rows for r in items}):
+            mine = [(label.split(" ", 1)[1], items) for label, items in px_rows if label.split(" ", 1)[0] == src]
+            thumbs.append(plots.grid(local / f"thumbs-{src}.png", mine, px,
+                                     f"{src}: most and least related by {cfg.score}"))  # fmt: skip
+        if sel_rows:
+            thumbs.append(plots.grid(local / "thumbs-selection.png", sel_rows, px,
+                                     "the selection, by predicted class (best first)"))  # fmt: skip
+    images += thumbs
+    page = _html(meta, pool, sources, auroc, task, thumbs, sel_info, images, cfg.score, classes,
+                 time.perf_counter() - t0)  # fmt: skip
+    (local / "report.html").write_text(page)
+    storage.write_json(str(local / "report.json"), {"sources": sources, "auroc": auroc, "selection": sel_info})
+    if not storage.is_local(cfg.out):
+        for p in local.iterdir():
+            storage.write_bytes(storage.join(cfg.out, p.name), p.read_bytes(), tag="report")
+        shutil.rmtree(local, ignore_errors=True)
+    return ReportResult(storage.join(cfg.out, "report.html"), sources, auroc, sel_info,
+                        [storage.join(cfg.out, i) for i in images])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -119,21 +137,60 @@ def _class_hist(con, view: str, n_classes: int) -> dict[str, np.ndarray]:
     return dict(sorted(out.items()))
 
 
+def _top_classes(h: np.ndarray, classes: list[str], k: int = 5) -> list[tuple[str, float]]:
+    order = np.argsort(-h, kind="stable")[:k]
+    return [(classes[i], round(float(h[i] / max(1, h.sum())), 4)) for i in order if h[i]]
+
+
+def _histograms(con, scores: list[str]) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    out = {}
+    for s in scores:
+        lo, hi = con.execute(f"SELECT min({s}), max({s}) FROM samples").fetchall()[0]
+        width = (hi - lo) / BINS if hi > lo else 1.0
+        per: dict[str, np.ndarray] = {}
+        for src, b, n in con.execute(
+            f"SELECT source, least({BINS - 1}, floor(({s} - {lo}) / {width}))::INT AS b, count(*) FROM samples "
+            f"WHERE {s} IS NOT NULL GROUP BY ALL ORDER BY 1"
+        ).fetchall():
+            per.setdefault(src, np.zeros(BINS))[b] = n
+        out[s] = (lo + width * np.arange(BINS + 1), per)
+    return out
+
+
 def _auroc(con, scores: list[str], task: set[str]) -> dict[str, float]:
-    """AUROC of each score, positive = a source of the task, computed from average ranks in DuckDB."""
+    """AUROC of each score, positive = a source of the task, from average ranks in DuckDB (ties count half)."""
     names = ", ".join(f"'{t}'" for t in sorted(task))
     res = {}
     for s in scores:
-        r = con.execute(
+        rank_sum, n1, n0 = con.execute(
             f"WITH r AS (SELECT source IN ({names}) AS pos, avg(rk) OVER (PARTITION BY {s}) AS rk FROM "
             f"(SELECT source, {s}, rank() OVER (ORDER BY {s}) + (count(*) OVER (PARTITION BY {s}) - 1) / 2.0 AS rk "
             f"FROM samples WHERE {s} IS NOT NULL)) "
             "SELECT sum(rk) FILTER (WHERE pos), count(*) FILTER (WHERE pos), count(*) FILTER (WHERE NOT pos) FROM r"
         ).fetchall()[0]
-        rank_sum, n1, n0 = r
         if n1 and n0:
             res[s] = round((float(rank_sum) - n1 * (n1 + 1) / 2) / (n1 * n0), 4)
     return res
+
+
+def _roc(con, s: str, task: set[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ROC curve of one score (positive = a task source) from counts per score bin, in DuckDB."""
+    names = ", ".join(f"'{t}'" for t in sorted(task))
+    lo, hi = con.execute(f"SELECT min({s}), max({s}) FROM samples").fetchall()[0]
+    if lo is None:
+        return None
+    width = (hi - lo) / ROC_BINS if hi > lo else 1.0
+    rows = con.execute(
+        f"SELECT least({ROC_BINS - 1}, floor(({s} - {lo}) / {width}))::INT AS b, count(*) FILTER (WHERE source IN "
+        f"({names})), count(*) FILTER (WHERE source NOT IN ({names})) FROM samples WHERE {s} IS NOT NULL GROUP BY b"
+    ).fetchall()
+    pos, neg = np.zeros(ROC_BINS), np.zeros(ROC_BINS)
+    for b, p, n in rows:
+        pos[b], neg[b] = p, n
+    if not pos.sum() or not neg.sum():
+        return None
+    pos, neg = pos[::-1] / pos.sum(), neg[::-1] / neg.sum()  # from the highest scores down
+    return np.concatenate([[0], np.cumsum(neg)]), np.concatenate([[0], np.cumsum(pos)])
 
 
 def _selection_summary(con, classes: list[str], task: set[str], scores: list[str]) -> dict[str, Any]:
@@ -142,159 +199,64 @@ def _selection_summary(con, classes: list[str], task: set[str], scores: list[str
         "SELECT p.source, p.n, coalesce(s.n, 0) FROM (SELECT source, count(*) n FROM samples GROUP BY 1) p "
         "LEFT JOIN (SELECT source, count(*) n FROM selection GROUP BY 1) s USING (source) ORDER BY 1"
     ).fetchall()
-    info: dict[str, Any] = {
-        "rows": n_sel,
-        "composition": [{"source": s, "pool": p, "selected": k} for s, p, k in comp],
-        "rel_entropy": rel_entropy(sum(_class_hist(con, "selection", len(classes)).values(), np.zeros(len(classes)))),
-    }
+    total = sum(_class_hist(con, "selection", len(classes)).values(), np.zeros(len(classes)))
+    info: dict[str, Any] = {"rows": n_sel, "pool_rows": n_pool, "rel_entropy": rel_entropy(total),
+                            "composition": [{"source": s, "pool": p, "selected": k} for s, p, k in comp]}  # fmt: skip
     if task:
         names = ", ".join(f"'{t}'" for t in sorted(task))
-        prec = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM selection").fetchall()[0][0]
-        agree = con.execute(
+        info["precision"] = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM selection").fetchall()[0][0]
+        info["teacher_label_accuracy"] = con.execute(
             f"SELECT avg((pred = label)::INT) FROM selection WHERE source IN ({names}) AND label IS NOT NULL"
         ).fetchall()[0][0]
-        info["precision"] = prec
-        info["teacher_label_accuracy"] = agree
-        share = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM samples").fetchall()[0][0]
-        info["share_of_task_in_pool"] = share
+        info["share_of_task_in_pool"] = con.execute(f"SELECT avg((source IN ({names}))::INT) FROM samples").fetchall()[
+            0
+        ][0]
         # what the same number of samples would give, taken as the top by each score
         info["precision_top_n_by_score"] = {
-            s: con.execute(
-                f"SELECT avg((source IN ({names}))::INT) FROM (SELECT source FROM samples WHERE {s} IS NOT NULL "
-                f"ORDER BY {s} DESC, uid LIMIT {int(n_sel)})"
-            ).fetchall()[0][0]
+            s: con.execute(f"SELECT avg((source IN ({names}))::INT) FROM (SELECT source FROM samples WHERE {s} IS NOT "
+                           f"NULL ORDER BY {s} DESC, uid LIMIT {int(n_sel)})").fetchall()[0][0]
             for s in scores
-        }
-    info["pool_rows"] = n_pool
+        }  # fmt: skip
     return info
 
 
-# ------------------------------------------------------------------------------------------ plots
+def _rows(con, query: str, classes: list[str]) -> list[dict]:
+    cur = con.execute(query)
+    names = [d[0] for d in cur.description]
+    out = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    for r in out:
+        r["class"] = classes[int(r["pred"])]
+    return out
 
 
-def _plot_histograms(con, out_dir: Path, scores: list[str]) -> str:
-    fig, axes = plt.subplots(1, max(1, len(scores)), figsize=(5 * max(1, len(scores)), 3.4), squeeze=False)
-    for ax, s in zip(axes[0], scores, strict=False):
-        lo, hi = con.execute(f"SELECT min({s}), max({s}) FROM samples").fetchall()[0]
-        width = (hi - lo) / BINS if hi > lo else 1.0
-        counts = con.execute(
-            f"SELECT source, least({BINS - 1}, floor(({s} - {lo}) / {width}))::INT AS b, count(*) FROM samples "
-            f"WHERE {s} IS NOT NULL GROUP BY ALL ORDER BY 1"
-        ).fetchall()
-        per: dict[str, np.ndarray] = {}
-        for src, b, n in counts:
-            per.setdefault(src, np.zeros(BINS))[b] = n
-        edges = lo + width * np.arange(BINS + 1)
-        for src, h in per.items():
-            ax.stairs(h / max(1, h.sum()), edges, label=src, linewidth=1.6)
-        ax.set_title(f"{s} (higher = more related)", fontsize=10)
-        ax.set_ylabel("share of the source")
-    axes[0][0].legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out_dir / "scores.png", dpi=110)
-    plt.close(fig)
-    return "scores.png"
+def _thumbnail_rows(con, score: str, k: int, classes: list[str]) -> list[tuple[str, list[dict]]]:
+    """Per source, 'SOURCE most' and 'SOURCE least': the k most and least related samples by `score`."""
+    if k <= 0:
+        return []
+    pick = ("SELECT source, unit, key, sample_id, pred, ({s})::DOUBLE AS score, {top} AS top FROM samples QUALIFY "
+            "row_number() OVER (PARTITION BY source ORDER BY ({s}) {order} NULLS LAST, uid) <= {k}")  # fmt: skip
+    rows = _rows(con, f"SELECT * FROM ({pick.format(s=score, top='true', order='DESC', k=k)} UNION ALL "
+                      f"{pick.format(s=score, top='false', order='ASC', k=k)}) ORDER BY source, top DESC, score DESC",
+                 classes)  # fmt: skip
+    out = []
+    for src in sorted({r["source"] for r in rows}):
+        for top, label in ((True, "most"), (False, "least")):
+            out.append((f"{src} {label}", [r for r in rows if r["source"] == src and r["top"] == top]))
+    return out
 
 
-def _plot_classes(path: Path, hist: dict[str, np.ndarray], classes: list[str], title: str) -> str:
-    n = len(hist)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.4 * rows), squeeze=False)
-    show = len(classes) <= 20
-    for ax, (src, h) in zip(axes.flat, hist.items(), strict=False):
-        ax.bar(range(len(h)), h / max(1, h.sum()), color="#4c72b0")
-        ax.set_title(f"{src}: H/log C = {rel_entropy(h):.2f}", fontsize=9)
-        ax.set_xticks(range(len(h)) if show else [])
-        if show:
-            ax.set_xticklabels([c[:6] for c in classes], rotation=90, fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def _plot_selection(path: Path, sources: list[dict], info: dict, sel_hist: dict, classes: list[str]) -> str:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
-    comp = info["composition"]
-    x = np.arange(len(comp))
-    pool_share = np.array([c["pool"] for c in comp], float)
-    sel_share = np.array([c["selected"] for c in comp], float)
-    a.bar(x - 0.2, pool_share / pool_share.sum(), 0.4, label="pool")
-    a.bar(x + 0.2, sel_share / max(1, sel_share.sum()), 0.4, label="selection")
-    a.set_xticks(x, [c["source"] for c in comp], rotation=30, fontsize=8)
-    a.set_title("composition by source (share)", fontsize=10)
-    a.legend(frameon=False, fontsize=8)
-    total = sum(sel_hist.values(), np.zeros(len(classes)))
-    b.bar(range(len(classes)), total / max(1, total.sum()), color="#dd8452")
-    b.axhline(1 / len(classes), color="grey", linestyle=":", linewidth=1)
-    b.set_title(f"selection: predicted class (H/log C = {rel_entropy(total):.2f})", fontsize=10)
-    if len(classes) <= 20:
-        b.set_xticks(range(len(classes)), [c[:8] for c in classes], rotation=45, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def _thumbnails(con, meta: dict[str, Any], out_dir: Path, score: str, k: int) -> list[str]:
-    """Per source, the k most and k least related samples by `score`, in the teacher's view."""
-    pick = (
-        "SELECT source, unit, key, {s}, {top} AS top FROM samples "
-        "QUALIFY row_number() OVER (PARTITION BY source ORDER BY {s} {order} NULLS LAST, uid) <= {k}"
-    )  # two single-window queries, one per direction
-    rows = con.execute(
-        f"SELECT * FROM ({pick.format(s=score, top='true', order='DESC', k=k)} UNION ALL "
-        f"{pick.format(s=score, top='false', order='ASC', k=k)}) ORDER BY source, top DESC, {score} DESC"
-    ).fetchall()
-    spec = InputSpec.from_dict(meta["input"])
-    files = []
-    by_source: dict[str, list] = {}
+def _selection_thumbnail_rows(con, classes: list[str], k: int, n_classes: int = 8) -> list[tuple[str, list[dict]]]:
+    """The selection's most selected classes (up to n_classes), their k best samples by the selection's score."""
+    rows = _rows(con, f"""
+        WITH c AS (SELECT pred, count(*) n FROM selection GROUP BY pred ORDER BY n DESC, pred LIMIT {n_classes})
+        SELECT s.source, s.unit, s.key, s.sample_id, x.pred, x.score::DOUBLE AS score FROM selection x
+        JOIN samples s ON s.uid = x.uid JOIN c ON c.pred = x.pred
+        QUALIFY row_number() OVER (PARTITION BY x.pred ORDER BY x.score DESC, x.uid) <= {k}
+        ORDER BY x.pred, score DESC""", classes)  # fmt: skip
+    by_class: dict[str, list[dict]] = {}
     for r in rows:
-        by_source.setdefault(r[0], []).append(r)
-    for src_name, items in by_source.items():
-        try:
-            source = parse_source(meta["sources"][src_name]["spec"])
-            wanted: dict[str, set[str]] = {}
-            for _, unit, key, _, _ in items:
-                wanted.setdefault(unit, set()).add(key)
-            pixels = {}
-            for unit, sample in read_keys(source, wanted):
-                try:
-                    px = to_pixels(sample.data, spec)[0]
-                except DecodeError:
-                    continue
-                pixels[(unit, sample.key)] = px
-        except (UserError, OSError):
-            continue  # the source moved away since scoring: no thumbnails, the rest of the report stands
-        top = [(pixels.get((u, key)), s) for _, u, key, s, is_top in items if is_top]
-        bottom = [(pixels.get((u, key)), s) for _, u, key, s, is_top in items if not is_top]
-        name = f"thumbs-{src_name}.png"
-        _grid(out_dir / name, top, bottom, src_name, score)
-        files.append(name)
-    return files
-
-
-def _grid(path: Path, top: list, bottom: list, source: str, score: str) -> None:
-    cols = max(len(top), len(bottom), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(0.95 * cols, 2.4), squeeze=False)
-    for row, items, label in ((0, top, "most"), (1, bottom, "least")):
-        for j in range(cols):
-            ax = axes[row][j]
-            ax.axis("off")
-            if j < len(items) and items[j][0] is not None:
-                px, s = items[j]
-                img = px[0] if px.shape[0] == 1 else px.transpose(1, 2, 0)
-                ax.imshow(img, cmap="gray" if px.shape[0] == 1 else None, interpolation="nearest")
-                ax.set_title(f"{s:.2f}" if s is not None else "-", fontsize=6)
-        axes[row][0].text(-0.15, 0.5, label, transform=axes[row][0].transAxes, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"{source}: most and least related by {score}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        by_class.setdefault(r["class"], []).append(r)
+    return [(name[:16], items) for name, items in by_class.items()]
 
 
 # ------------------------------------------------------------------------------------------ page
@@ -313,78 +275,59 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, seconds) -> str:
+def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes, seconds) -> str:
     e = html.escape
     teacher = meta["teacher"]
     parts = [
-        f"<h1>kdcurate report: {e(str(pool.root))}</h1>",
-        f"<p class=meta>teacher <code>{e(teacher['spec'])}</code> ({len(meta['classes'])} classes, "
-        f"sha256 {e(teacher['sha256'][:12])}…) · input {meta['input']['size']}px × {meta['input']['channels']} ch · "
+        f"<h1>kdcurate report: {e(storage.redact(pool.root))}</h1>",
+        f"<p class=meta>teacher <code>{e(teacher['spec'])}</code> ({len(classes)} classes, sha256 "
+        f"{e(teacher['sha256'][:12])}…) · input {meta['input']['size']}px × {meta['input']['channels']} ch · "
         f"{sum(s['rows'] for s in sources):,} samples · {sum(s['errors'] for s in sources):,} errors</p>",
         "<h2>Sources</h2>",
-        _table(
-            [
-                "source",
-                "samples",
-                "errors",
-                "mean confidence",
-                "mean energy",
-                "mean bn_score",
-                "H/log C",
-                "of the task",
-            ],
-            [
-                [
-                    s["source"],
-                    s["rows"],
-                    s["errors"],
-                    s["confidence"],
-                    s["energy"],
-                    s["bn_score"],
-                    s["rel_entropy"],
-                    "yes" if s["task"] else "",
-                ]
-                for s in sources
-            ],
-        ),  # fmt: skip
+        _table(["source", "samples", "errors", "mean confidence", "mean energy", "mean bn_score", "H/log C",
+                "of the task"],
+               [[s["source"], s["rows"], s["errors"], s["confidence"], s["energy"], s["bn_score"], s["rel_entropy"],
+                 "yes" if s["task"] else ""] for s in sources]),
         "<p class=note>H/log C: relative entropy of the teacher's predicted-class histogram; near 1 = the teacher "
         "sees every class in this source (Frank &amp; Davis 2025).</p>",
         "<h2>Score distributions</h2><img src='scores.png' alt='score histograms'>",
-        "<h2>Predicted classes</h2><img src='classes.png' alt='predicted-class histograms'>",
-    ]
+        "<h2>Predicted classes</h2>",
+    ]  # fmt: skip
+    if len(classes) <= 30:
+        parts.append("<img src='classes.png' alt='predicted-class histograms'>")
+    parts.append(
+        _table(
+            ["source", "most predicted classes (share of the source)"],
+            [[s["source"], ", ".join(f"{c} {p:.1%}" for c, p in s["top_classes"])] for s in sources],
+        )
+    )
     if auroc:
+        best = max(auroc, key=auroc.get)
         parts += [
             f"<h2>How well each score finds the task</h2><p class=note>AUROC, positive = sources of the task "
-            f"({e(', '.join(sorted(task)))}), every other source negative; 0.5 = no better than chance.</p>",
+            f"({e(', '.join(sorted(task)))}), every other source negative; 0.5 = no better than chance. "
+            f"Best here: <b>{e(best)}</b> ({auroc[best]:.3f}).</p>",
             _table(["score", "AUROC"], sorted(([k, v] for k, v in auroc.items()), key=lambda r: -r[1])),
+            "<img src='roc.png' alt='ROC curves'>",
         ]
     if sel:
         parts += ["<h2>Selection</h2>", f"<p>{sel['rows']:,} of {sel['pool_rows']:,} samples selected; "
                   f"predicted-class H/log C = {sel['rel_entropy']:.3f}.</p>"]  # fmt: skip
         if "precision" in sel:
-            parts.append(
-                f"<p>Precision (share of the selection from the task's sources): <b>{sel['precision']:.3f}</b> "
-                f"against {sel['share_of_task_in_pool']:.3f} in the pool; the teacher's class agrees with the true "
-                f"label on {_pct(sel['teacher_label_accuracy'])} of the selected task samples.</p>"
-            )
-            parts.append(
-                _table(
-                    ["score", f"precision of the top {sel['rows']:,} by it"],
-                    sorted(([k, v] for k, v in sel["precision_top_n_by_score"].items()), key=lambda r: -(r[1] or 0)),
-                )
-            )
-        parts.append(
-            _table(
-                ["source", "in pool", "selected", "share selected"],
-                [
-                    [c["source"], c["pool"], c["selected"], c["selected"] / max(1, c["pool"])]
-                    for c in sel["composition"]
-                ],
-            )  # fmt: skip
-        )
+            acc = "-" if sel["teacher_label_accuracy"] is None else f"{100 * sel['teacher_label_accuracy']:.1f}%"
+            parts.append(f"<p>Precision (share of the selection from the task's sources): <b>{sel['precision']:.3f}"
+                         f"</b> against {sel['share_of_task_in_pool']:.3f} in the pool; the teacher's class agrees "
+                         f"with the true label on {acc} of the selected task samples.</p>")  # fmt: skip
+            parts.append(_table(["score", f"precision of the top {sel['rows']:,} by it"],
+                                sorted(([k, v] for k, v in sel["precision_top_n_by_score"].items()),
+                                       key=lambda r: -(r[1] or 0))))  # fmt: skip
+        parts.append(_table(["source", "in pool", "selected", "share selected"],
+                            [[c["source"], c["pool"], c["selected"], c["selected"] / max(1, c["pool"])]
+                             for c in sel["composition"]]))  # fmt: skip
         parts.append("<img src='selection.png' alt='selection composition'>")
     if thumbs:
-        parts.append(f"<h2>Most and least related, by {e(score)}</h2>")
+        parts.append(f"<h2>Thumbnails</h2><p class=note>In the teacher's view; captions: sample id, the teacher's "
+                     f"class, the score ({e(score)}; for the selection, the score that selected it).</p>")  # fmt: skip
         parts += [f"<img class=thumbs src='{e(t)}' alt='{e(t)}'>" for t in thumbs]
     parts.append(f"<p class=meta>made in {seconds:.1f} s by curate report · {time.strftime('%Y-%m-%d %H:%M')}</p>")
     style = (
@@ -395,9 +338,5 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, seconds)
         "img{max-width:100%;display:block;margin:8px 0}.meta,.note{color:#666;font-size:12.5px}"
         "code{background:#f3f3f3;padding:1px 4px}"
     )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>kdcurate report</title><style>{style}</style>" \
-           f"</head><body>{''.join(parts)}</body></html>"  # fmt: skip
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdcurate report</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")  # fmt: skip

@@ -200,7 +200,10 @@ def loader(
     if train and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000), seed=seed * 7919 + epoch))
     stages += [
-        wds.map(partial(decode, spec=spec or shards.input, num_classes=len(shards.classes or []), flip=flip and train)),
+        wds.map(
+            partial(decode, spec=spec or shards.input, num_classes=len(shards.classes or []), flip=flip and train),
+            handler=wds.warn_and_continue,
+        ),  # a sample that does not decode is skipped with a warning
         wds.batched(batch_size, collation_fn=collate, partial=not train),
     ]
     pipeline = wds.DataPipeline(_Source(stages[0]), *stages[1:])

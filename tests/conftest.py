@@ -191,14 +191,15 @@ def write_odd_folder(folder: Path, labelled: bool = False, corrupt: bool = True)
     return written
 
 
-def rgb_teacher(path: Path, size: int = 32, classes: int = 10, seed: int = 0) -> Path:
+def rgb_teacher(path: Path, size: int = 32, classes: int | list[str] = 10, seed: int = 0) -> Path:
     """An untrained RGB MLP with large output weights, saved as a checkpoint: every pixel moves its logits by a
     visible amount, so a view that differs anywhere gives different logits (all the view tests need)."""
     torch.manual_seed(seed)
+    names = classes if isinstance(classes, list) else [f"class-{i}" for i in range(classes)]
     spec = models.InputSpec(size, 3, (0.5, 0.45, 0.4), (0.25, 0.25, 0.25))
-    model, factory, kwargs = models.build("mlp", classes, spec)
+    model, factory, kwargs = models.build("mlp", len(names), spec)
     with torch.no_grad():
         model.fc.weight.mul_(50.0)
     model.eval()
-    models.save_checkpoint(path, model, factory, kwargs, [f"class-{i}" for i in range(classes)], spec)
+    models.save_checkpoint(path, model, factory, kwargs, names, spec)
     return path

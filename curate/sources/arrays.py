@@ -56,7 +56,7 @@ class ArraySource(Source):
         stamp = self.fingerprint()
         return [Unit(u.source, u.id, u.args, u.size, stamp) for u in self.chunk(0, len(images), size)]
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         images, labels = self.cached_arrays()
         start, stop = unit.args
         block = np.asarray(images[start:stop])

@@ -94,7 +94,9 @@ class Source:
         """Names of the true labels, when the source has them (may need the listing)."""
         return None
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
+        """The unit's samples (and read errors) in order; `only`: a hint that just these keys are wanted
+        (kinds that can skip the others do; callers filter anyway)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- options
@@ -127,6 +129,6 @@ def read_keys(source: Source, wanted: dict[str, set[str]]) -> Iterator[tuple[str
         keys = wanted.get(unit.id)
         if not keys:
             continue
-        for item in source.read(unit):
+        for item in source.read(unit, only=keys):
             if isinstance(item, RawSample) and item.key in keys:
                 yield unit.id, item

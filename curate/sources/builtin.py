@@ -124,15 +124,19 @@ class BuiltinSource(ArraySource):
         start, stop = self._range(n)
         return self.chunk(start, stop, self.opt_int("unit", 4096, minimum=1))
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         start, stop = unit.args
         if self.location == "photos":
             seed, size = self.opt_int("seed", 0), self.opt_int("size", 64)
             for i in range(start, stop):
+                if only is not None and str(i) not in only:
+                    continue
                 yield RawSample(str(i), photo_crop(np.random.default_rng([seed, i]), size))
             return
         images, labels = self._full()
         for i in self.order(len(images))[start:stop]:
+            if only is not None and str(int(i)) not in only:
+                continue
             yield RawSample(str(int(i)), images[i], int(labels[i]))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:

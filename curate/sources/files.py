@@ -87,9 +87,11 @@ class FolderSource(FileSource):
         uid = hashlib.blake2b(run[0][0].encode(), digest_size=6).hexdigest()
         return Unit(self.name, uid, tuple(r for r, _, _ in run), len(run), digest(run))
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         index = {c: i for i, c in enumerate(self.classes or [])}
         for rel in unit.args:
+            if only is not None and rel not in only:
+                continue
             try:
                 data = storage.read_bytes(storage.join(self.location, rel), self.max_bytes)
             except ValueError as e:
@@ -142,7 +144,7 @@ class WdsSource(FileSource):
             return digest(url, p.stat().st_size, p.stat().st_mtime) if p.is_file() else None
         return None  # object stores: names are the identity; a rewritten shard is a new object name in practice
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         url = unit.args[0]
         current: str | None = None
         group: dict[str, bytes] = {}
@@ -267,7 +269,7 @@ class ParquetSource(FileSource):
                 offset += n
         return units
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         import pyarrow as pa
         import pyarrow.compute as pc
 

@@ -95,7 +95,9 @@ class SyntheticSource(Source):
     def units(self) -> list[Unit]:
         return self.chunk(0, self.opt_int("n", 1000), self.opt_int("unit", 4096))
 
-    def read(self, unit: Unit) -> Iterator[RawSample | ReadError]:
+    def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         make, seed, size = GENERATORS[self.location], self.opt_int("seed", 0), self.opt_int("size", 32)
         for i in range(*unit.args):
+            if only is not None and str(i) not in only:
+                continue  # record i depends on (seed, i) alone: the others need not be drawn
             yield RawSample(str(i), make(np.random.default_rng([seed, i]), size))

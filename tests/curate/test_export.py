@@ -180,3 +180,30 @@ def test_cli_export_errors(pool, selection, tmp_path):
         proc = run_cli("curate", "export", *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert msg in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["npy", "idx"])
+def test_labelled_arrays_export_with_their_classes_and_train_a_teacher(tmp_path, kind):
+    """npy and idx sources with labels= become labelled shards (classes in the manifest, cls members) that
+    `distill train --loss ce --labels true` trains on."""
+    import gzip
+
+    from curate.sources.builtin import digits as load_digits
+
+    x, y = load_digits()
+    if kind == "npy":
+        np.save(tmp_path / "x.npy", x[:300])
+        np.save(tmp_path / "y.npy", y[:300])
+        spec = f"d=npy:{tmp_path / 'x.npy'}?labels={tmp_path / 'y.npy'}"
+    else:
+        for name, arr in (("x", x[:300]), ("y", y[:300].astype(np.uint8))):
+            head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            (tmp_path / f"{name}.gz").write_bytes(gzip.compress(head + arr.astype(np.uint8).tobytes()))
+        spec = f"d=idx:{tmp_path / 'x.gz'}?labels={tmp_path / 'y.gz'}"
+    out = tmp_path / "shards"
+    run_cli("curate", "export", "--source", spec, "--out", str(out), "--no-progress", check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == [str(i) for i in range(10)] and manifest["labels"] is True
+    proc = run_cli("distill", "train", str(out), "--out", str(tmp_path / "run"), "--loss", "ce", "--labels", "true",
+                   "--steps", "5", "--student", "cnn-tiny", "--workers", "0", "--no-progress", check=True)  # fmt: skip
+    assert "5 steps" in proc.stdout

@@ -28,7 +28,15 @@ def test_report_page_references_images_that_exist(made):
     root, res = made
     page = (root / "rep" / "report.html").read_text()
     srcs = re.findall(r"<img[^>]*src='([^']+)'", page)
-    assert {"scores.png", "classes.png", "selection.png", "thumbs-digits.png", "thumbs-noise.png"} <= set(srcs)
+    assert {
+        "scores.png",
+        "classes.png",
+        "selection.png",
+        "thumbs-digits.png",
+        "thumbs-noise.png",
+        "roc.png",
+        "thumbs-selection.png",
+    } <= set(srcs)
     for s in srcs:
         with Image.open(root / "rep" / s) as im:
             assert im.size[0] > 300 and im.size[1] > 100

@@ -36,12 +36,12 @@ def flaky_reads(monkeypatch, unit_id: str, failures: int) -> dict[str, int]:
     calls = {"tries": 0}
     real = BuiltinSource.read
 
-    def read(self, unit):
+    def read(self, unit, only=None):
         if unit.id != unit_id:
-            yield from real(self, unit)
+            yield from real(self, unit, only)
             return
         calls["tries"] += 1
-        for i, item in enumerate(real(self, unit)):
+        for i, item in enumerate(real(self, unit, only)):
             if i == 50 and calls["tries"] <= failures:
                 raise OSError("stale file handle")
             yield item

@@ -71,8 +71,13 @@ def actions(res) -> dict[str, str]:
 def job(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("job")
     spec = write_job(root / "job.toml", root / "work", distill_extra=ONLINE)
-    proc = run_cli("pipelines", "run", str(spec), "--no-progress", check=True)
+    proc = run_cli("pipelines", "run", str(spec), check=True)  # progress on, output piped as into a log file
     assert "teacher accuracy" in proc.stdout and "student accuracy" in proc.stdout
+    # stage names reach the log as they are; bars and logs go to stderr, results to stdout
+    for stage in ("teacher", "score", "index", "select", "export", "eval", "distill", "report"):
+        assert f"[{stage}] not run yet" in proc.stderr
+    assert "scoring" in proc.stderr and "distilling" in proc.stderr
+    assert "scoring" not in proc.stdout and "distilling" not in proc.stdout and "[score]" not in proc.stdout
     return spec, root / "work"
 
 
