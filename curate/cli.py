@@ -49,6 +49,10 @@ def _score(cfg: config.ScoreConfig) -> None:
     out = _console()
     out.print(table)
     out.print(f"{res.rows:,} rows scored in {res.seconds:.1f} s; pool error rate {res.error_rate:.2%}")
+    for name, st in res.per_source.items():
+        if st.skipped:
+            print(f"note: source {name}: {len(st.skipped)} entries skipped, not regular files (e.g. a dangling link: "
+                  f"{st.skipped[0]})", file=sys.stderr)  # fmt: skip
     if res.failed_units:
         src, unit, reason = res.failed_units[0]
         print(f"warning: {len(res.failed_units)} unit(s) failed {cfg.retries + 1} tries and were not scored (first: "

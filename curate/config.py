@@ -154,6 +154,12 @@ class SelectConfig:
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         STRATEGIES[self.strategy].check(self)
+        from curate.query import expression  # DuckDB's parser: one expression, nothing more
+
+        if self.where is not None:
+            expression(self.where, "--where")
+        if STRATEGIES[self.strategy].scored:
+            expression(self.score, "--score")
         for name in ("n", "per_class", "k", "clusters"):
             _positive(name, getattr(self, name))
 

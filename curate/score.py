@@ -46,13 +46,13 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     pool = Pool(cfg.pool)
     if storage.exists(cfg.pool) and not storage.isdir(cfg.pool):
         raise UserError(f"--pool {cfg.pool} is a file; give a directory (created when missing)")
+    units_by_source = {name: src.units() for name, src in sources.items()}  # bad sources fail before any write
+    if not any(units_by_source.values()):
+        raise UserError("the sources hold no sample (empty folder, no matching file)")
     with pool.lock("score"):
-        units_by_source = {name: src.units() for name, src in sources.items()}
-        if not any(units_by_source.values()):
-            raise UserError("the sources hold no sample (empty folder, no matching file)")
         prepare_pool(pool, cfg, runner.teacher, sources, runner.logits_kind, runner.embed_dim, runner.scorer.has_bn)
         result = ScoreResult(pool=storage.redact(pool.root))
-        todo = plan(pool, units_by_source, result)
+        todo = plan(pool, units_by_source, result, sources)
         if cfg.engine == "ray":
             runner.close()
             from curate.score_ray import run_ray
@@ -75,7 +75,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     return result
 
 
-def plan(pool: Pool, units_by_source: dict[str, list[Unit]], result: ScoreResult) -> list[Unit]:
+def plan(pool: Pool, units_by_source: dict[str, list[Unit]], result: ScoreResult,
+         sources: dict[str, Source] | None = None) -> list[Unit]:  # fmt: skip
     """The units to score: not done, or done with another fingerprint (changed since). Units that are done
     but no longer in the source are dropped from the pool first."""
     todo: list[Unit] = []
@@ -90,6 +91,7 @@ def plan(pool: Pool, units_by_source: dict[str, list[Unit]], result: ScoreResult
             with pool.lock("compact"):  # compact files holding these units are rewritten
                 pool.drop_units(name, changed | gone)
         st.units_changed, st.units_removed = len(changed), len(gone)
+        st.skipped = list(sources[name].skipped) if name in sources else []
         st.units_skipped = sum(u.id in done and u.id not in changed for u in units)
         todo.extend(u for u in units if u.id not in done or u.id in changed)
     return todo

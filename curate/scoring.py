@@ -33,6 +33,7 @@ class SourceStats:
     units_skipped: int = 0
     units_changed: int = 0  # done before, but the source's content changed: rescored
     units_removed: int = 0  # gone from the source: their rows removed
+    skipped: list[str] = field(default_factory=list)  # listing entries passed over (not regular files)
     rows: int = 0
     errors: int = 0
     seconds: float = 0.0

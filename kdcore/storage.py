@@ -227,9 +227,9 @@ def open_read(url: str) -> Iterator[IO[bytes]]:
         yield f
 
 
-def find(url: str) -> list[tuple[str, int, float]]:
+def find(url: str, skipped: list[str] | None = None) -> list[tuple[str, int, float]]:
     """Every regular file under a directory, recursively: (path relative to it, size, mtime), sorted.
-    Symbolic links to files count; dangling links and other non-files are skipped."""
+    Symbolic links to files count; dangling links and other non-files are skipped (and listed in `skipped`)."""
     if is_local(url):
         root = local(url)
         out = []
@@ -240,8 +240,10 @@ def find(url: str) -> list[tuple[str, int, float]]:
                 try:
                     st = os.stat(p)  # follows links: a dangling one raises
                 except OSError:
-                    continue
-                if st.st_mode & 0o170000 != 0o100000:  # not a regular file
+                    st = None
+                if st is None or st.st_mode & 0o170000 != 0o100000:  # not a regular file
+                    if skipped is not None:
+                        skipped.append(os.path.relpath(p, root).replace(os.sep, "/"))
                     continue
                 out.append((os.path.relpath(p, root).replace(os.sep, "/"), st.st_size, st.st_mtime))
         return sorted(out)

@@ -94,6 +94,11 @@ class Source:
         """Names of the true labels, when the source has them (may need the listing)."""
         return None
 
+    @property
+    def skipped(self) -> list[str]:
+        """Entries the listing passed over (e.g. a folder's dangling links), for the summary."""
+        return self.__dict__.get("_skipped", [])
+
     def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         """The unit's samples (and read errors) in order; `only`: a hint that just these keys are wanted
         (kinds that can skip the others do; callers filter anyway)."""

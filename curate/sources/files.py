@@ -59,7 +59,10 @@ class FolderSource(FileSource):
         if "_listing" not in self.__dict__:
             if not storage.isdir(self.location):
                 raise UserError(f"source {self.name}: folder not found: {storage.redact(self.location)}")
-            self.__dict__["_listing"] = [f for f in storage.find(self.location) if f[0].lower().endswith(IMAGE_EXTS)]
+            skipped: list[str] = []
+            found = storage.find(self.location, skipped)
+            self.__dict__["_skipped"] = [s for s in skipped if s.lower().endswith(IMAGE_EXTS)]
+            self.__dict__["_listing"] = [f for f in found if f[0].lower().endswith(IMAGE_EXTS)]
         return self.__dict__["_listing"]
 
     @property
@@ -236,8 +239,9 @@ class ParquetSource(FileSource):
         import pyarrow.parquet as pq
 
         fs, path = storage.arrow_filesystem(url)
-        try:
-            return pq.ParquetFile(fs.open_input_file(path))
+        try:  # a buffered stream, no pre-buffering: a huge cell costs its page, not also a copy of the chunk
+            return pq.ParquetFile(fs.open_input_file(path), buffer_size=1 << 20,
+                                  pre_buffer=False)  # fmt: skip
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(
                 f"{storage.redact(url)} is not a readable Parquet file: {str(e).splitlines()[0]}"
