@@ -63,6 +63,7 @@ class ExportResult:
 def export(cfg: ExportConfig) -> ExportResult:
     t0 = time.perf_counter()
     out = cfg.out
+    storage.check_writable(out, "--out")
     if storage.isfile(out):
         raise UserError(f"--out {out} is a file; give a directory for the shards")
     if cfg.sources:

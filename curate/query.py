@@ -38,9 +38,7 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if threads:
         con.execute(f"SET threads = {int(threads)}")
-    if not storage.is_local(pool.root):
-        fs, _ = storage.filesystem(pool.root)
-        con.register_filesystem(fs)
+    _register(con, pool.root)
     files = pool.sample_files()
     if not files:
         raise UserError(f"pool {storage.redact(pool.root)} has no scored samples yet; run 'curate score' first")
@@ -61,8 +59,7 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         path = storage.join(selection, "selection.parquet")
         if not storage.isfile(path):
             raise UserError(f"no selection at {selection} (expected {path})")
-        if not storage.is_local(path):
-            con.register_filesystem(storage.filesystem(path)[0])
+        _register(con, path)
         con.execute(f"CREATE VIEW selection AS SELECT * FROM read_parquet({_lit(storage.absolute(path))})")
     n_classes = len(meta["classes"])
     con.execute(
@@ -79,6 +76,16 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         f"ln(c / list_sum(counts)) ELSE 0 END)) / ln({max(2, n_classes)})"
     )
     return con
+
+
+def _register(con: duckdb.DuckDBPyConnection, url: str) -> None:
+    """Let DuckDB read `url` through the storage layer's fsspec filesystem (its own httpfs is not needed)."""
+    if storage.is_local(url):
+        return
+    fs, _ = storage.filesystem(url)
+    protocols = fs.protocol if isinstance(fs.protocol, (list, tuple)) else [fs.protocol]
+    if not any(con.filesystem_is_registered(p) for p in protocols):
+        con.register_filesystem(fs)
 
 
 def read_only(query: str) -> str:

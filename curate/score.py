@@ -41,6 +41,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     t0 = time.perf_counter()
     if not cfg.sources:
         raise UserError("no --source given; e.g. --source photos=folder:/data/photos")
+    storage.check_writable(cfg.pool, "--pool")
     sources = parse_sources(cfg.sources)
     runner = TeacherRunner(cfg)
     pool = Pool(cfg.pool)

@@ -45,6 +45,7 @@ def select(cfg: SelectConfig) -> SelectResult:
     t0 = time.perf_counter()
     pool = Pool(cfg.pool)
     meta = pool.meta()
+    storage.check_writable(cfg.out, "--out")
     if storage.inside(cfg.out, cfg.pool):
         raise UserError(f"--out {cfg.out} is inside the pool; selections live beside it")
     if storage.isfile(cfg.out):

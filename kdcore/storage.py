@@ -31,6 +31,7 @@ from kdcore.errors import UserError
 TMP_SUFFIX = ".tmp"
 REMOTE = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 READ_ONLY = ("http", "https", "pipe")
+READ_BLOCK, WRITE_BLOCK = 32 << 20, 32 << 20  # per open stream: the memory bound; fewer requests than 4-16 MiB
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -80,7 +81,7 @@ def parent(url: str) -> str:
 def redact(url: str) -> str:
     """A URL without user:password@ (credentials never reach pool.json, manifests or logs)."""
     url = os.fspath(url)
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@", r"\1", url)
 
 
 def absolute(url: str) -> str:
@@ -112,16 +113,20 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError:
-        raise UserError(f"{s}:// needs {REMOTE[s]}: pip install 'kdcurate[cloud]'") from None
+        extra = "'kdcurate[cloud]'" if REMOTE[s] in ("s3fs", "aiohttp") else REMOTE[s]
+        raise UserError(f"{s}:// needs {REMOTE[s]}: pip install {extra}") from None
     except ValueError as e:
         raise UserError(f"cannot use {redact(url)}: {e}") from None
     return fs, path
 
 
-def _remote_error(url: str, e: Exception) -> UserError:
+def _remote_error(url: str, e: Exception, writing: bool = False) -> UserError:
     """One line for a storage failure: missing bucket, denied request, unreachable endpoint."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, FileNotFoundError):
+        bucket = url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
+        if writing:
+            return UserError(f"cannot write {redact(url)}: the bucket {bucket!r} does not exist (create it first)")
         return UserError(f"not found: {redact(url)}")
     if isinstance(e, PermissionError):
         return UserError(f"access denied to {redact(url)}: {text[:200]}")
@@ -218,7 +223,7 @@ def open_read(url: str) -> Iterator[IO[bytes]]:
         return
     fs, path = filesystem(url)
     try:
-        f = fs.open(path, "rb", block_size=4 << 20)
+        f = fs.open(path, "rb", block_size=READ_BLOCK)
     except FileNotFoundError:
         raise
     except STORAGE_ERRORS as e:
@@ -294,6 +299,13 @@ def expand(pattern: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ writing
 
 
+def check_writable(url: str, what: str = "") -> None:
+    """A UserError when `url` is on read-only storage (http(s), pipe:)."""
+    if scheme(url) in READ_ONLY:
+        raise UserError(f"{what + ' ' if what else ''}{redact(url)}: {scheme(url)}:// is read-only here; write to a "
+                        "local path, s3:// or gs://")  # fmt: skip
+
+
 def _check_writable(url: str) -> None:
     if scheme(url) in READ_ONLY:
         raise UserError(f"{redact(url)}: {scheme(url)}:// is read-only here; write to a local path, s3:// or gs://")
@@ -331,19 +343,20 @@ def open_write(url: str, tag: str = "w") -> Iterator[IO[bytes]]:
         return
     fs, path = filesystem(url)
     try:
-        f = fs.open(path, "wb", block_size=16 << 20)
+        f = fs.open(path, "wb", block_size=WRITE_BLOCK)
     except STORAGE_ERRORS as e:
-        raise _remote_error(url, e) from None
+        raise _remote_error(url, e, writing=True) from None
     try:
         yield f
     except BaseException:
         if hasattr(f, "discard"):
             f.discard()  # abort the upload: nothing appears
+            f.closed = True  # and nothing is flushed when the object is collected
         raise
     try:
         f.close()
     except STORAGE_ERRORS as e:
-        raise _remote_error(url, e) from None
+        raise _remote_error(url, e, writing=True) from None
 
 
 def write_bytes(url: str, data: bytes, tag: str = "w") -> None:
@@ -357,7 +370,7 @@ def write_bytes(url: str, data: bytes, tag: str = "w") -> None:
     try:
         fs.pipe_file(path, data)
     except STORAGE_ERRORS as e:
-        raise _remote_error(url, e) from None
+        raise _remote_error(url, e, writing=True) from None
 
 
 def write_json(url: str, obj: Any, tag: str = "w") -> None:

@@ -203,3 +203,82 @@ def rgb_teacher(path: Path, size: int = 32, classes: int | list[str] = 10, seed:
     model.eval()
     models.save_checkpoint(path, model, factory, kwargs, names, spec)
     return path
+
+
+# ------------------------------------------------------------------------------ storage servers on loopback
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SECRET = "kdcurate-test-secret-5f2a9c"  # the S3 secret key the tests use: it must never be written anywhere
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API (moto's server) on 127.0.0.1, with the standard AWS variables set for this process and the
+    CLIs it starts. Yields a function making a fresh bucket and returning its s3:// URL."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    import time
+    import urllib.request
+    import uuid
+
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {"AWS_ACCESS_KEY_ID": "kdcurate-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    CLI_ENV.update(env)
+
+    def bucket() -> str:
+        import s3fs
+
+        name = f"b-{uuid.uuid4().hex[:10]}"
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+        return f"s3://{name}"
+
+    yield bucket
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+            CLI_ENV.pop(k, None)
+        else:
+            os.environ[k] = CLI_ENV[k] = v
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory):
+    """A directory served read-only over HTTP on 127.0.0.1; yields (its path, its base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path_factory.mktemp("http")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
