@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q -e '.[dev,demo,ray,cloud]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q -e '.[dev,demo,ray,cloud,teachers,imagenet]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -c "import torch, torchvision, faiss, duckdb, webdataset, typer, curate, distill"
 	touch $(STAMP)
 
@@ -47,7 +47,9 @@ bench: venv data
 	$(BIN)/python benchmarks/query.py
 	$(BIN)/python benchmarks/export_throughput.py
 	$(BIN)/python benchmarks/distill_throughput.py
-	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/relatedness.py --phase scores
+	$(BIN)/python benchmarks/relatedness.py --phase students
 
 clean:
 	rm -rf $(VENV) work

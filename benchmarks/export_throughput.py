@@ -27,24 +27,25 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from curate.generated import FASHION_DIR  # noqa: E402
-
 from benchmarks._report import machine, table, write_section  # noqa: E402
-from curate.export import ExportConfig, export  # noqa: E402
+from curate.config import ExportConfig, ScoreConfig, SelectConfig  # noqa: E402
+from curate.export import export  # noqa: E402
 from curate.query import connect  # noqa: E402
-from curate.score import ScoreConfig, score  # noqa: E402
-from curate.select import SelectConfig, select  # noqa: E402
+from curate.score import score  # noqa: E402
+from curate.select import select  # noqa: E402
 from curate.sources import read_idx  # noqa: E402
-from distill import models  # noqa: E402
+from curate.sources.builtin import FASHION_DIR  # noqa: E402
+from distill import models, zoo  # noqa: E402
+from kdcore.view import InputSpec  # noqa: E402
 
 
 def images(n: int) -> tuple[np.ndarray, str]:
     path = Path(FASHION_DIR) / "train-images-idx3-ubyte.gz"
     if path.exists():
         return read_idx(str(path))[:n], f"idx:{path}?labels={Path(FASHION_DIR) / 'train-labels-idx1-ubyte.gz'}"
-    from curate.generated import _digits
+    from curate.sources.builtin import digits
 
-    x = _digits()[0]
+    x = digits()[0]
     x = np.repeat(x, -(-n // len(x)), 0)[:n]
     return np.stack([np.asarray(Image.fromarray(a).resize((28, 28))) for a in x]), ""
 
@@ -97,11 +98,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        spec = models.InputSpec(28, 1, (0.286,), (0.353,))
+        spec = InputSpec(28, 1, (0.286,), (0.353,))
         import torch
 
         torch.manual_seed(0)
-        model, factory, kwargs = models.build("cnn-small", 10, spec)
+        model, factory, kwargs = zoo.build("cnn-small", 10, spec)
         models.save_checkpoint(tmp / "t.pt", model, factory, kwargs, [str(i) for i in range(10)], spec)
         folder = tmp / "png"
         folder.mkdir()

@@ -34,16 +34,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from curate.generated import FASHION_DIR  # noqa: E402
-
 from benchmarks._report import machine, table, write_section  # noqa: E402
-from curate.export import ExportConfig, export  # noqa: E402
+from curate.config import ExportConfig, IndexConfig, ReportConfig, ScoreConfig, SelectConfig  # noqa: E402
+from curate.export import export  # noqa: E402
 from curate.index import index  # noqa: E402
 from curate.report import report  # noqa: E402
-from curate.score import ScoreConfig, score  # noqa: E402
-from curate.select import SelectConfig, select  # noqa: E402
-from distill.finetune import FinetuneConfig, finetune  # noqa: E402
-from distill.train import TrainConfig, train  # noqa: E402
+from curate.score import score  # noqa: E402
+from curate.select import select  # noqa: E402
+from curate.sources.builtin import FASHION_DIR  # noqa: E402
+from distill.config import FinetuneConfig, TrainConfig  # noqa: E402
+from distill.finetune import finetune  # noqa: E402
+from distill.train import train  # noqa: E402
 
 WORK = ROOT / "work" / "bench" / "quality"
 N_SELECT = 10_000
@@ -147,10 +148,10 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
             mark(out, {"rows": res.rows, "seconds": time.perf_counter() - t0})
     pool = WORK / "pool"
     if not (pool / "index").is_dir():
-        index(str(pool), show_progress=False)
+        index(IndexConfig(str(pool), show_progress=False))
     rep = WORK / "report"
     if not (rep / "report.json").is_file():
-        report(str(pool), str(rep))
+        report(ReportConfig(str(pool), str(rep), task_sources=["fashion"]))
     info["auroc"] = json.loads((rep / "report.json").read_text())["auroc"]
     info["pool_rows"] = json.loads((pool / ".done").read_text())["rows"]
     return info

@@ -4,6 +4,9 @@
     on the same batches (bar >= 0.8);
 (b) a folder of PNGs: end-to-end time / (bare decode + bare forward) of the same samples (bar <= 1.25;
     on 2 CPU cores decode and forward share the cores, so the sum is the floor);
+(c) a real teacher, EfficientNet-Lite0 with its ImageNet weights at 224 px, over a folder of JPEG photo crops:
+    the scoring forward (hooks for bn_score, span/proj/feat_norm and the embedding) against the bare forward
+    (bar >= 0.9), and `curate score` against bare decode + bare forward (needs the `imagenet` extra);
 plus where the time goes (cProfile), the pool's bytes per sample, and peak memory at 1× and 10× the
 sample count (units stream, so it must stay flat). Writes its tables into docs/benchmarks.md.
 
@@ -28,19 +31,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from curate.decode import pixels_from_bytes  # noqa: E402
-from curate.generated import dead_leaves, glyphs  # noqa: E402
-
 from benchmarks._report import machine, table, write_section  # noqa: E402
-from curate.score import ScoreConfig, score  # noqa: E402
-from distill import models  # noqa: E402
+from curate.config import ScoreConfig  # noqa: E402
+from curate.score import score  # noqa: E402
+from curate.sources.synthetic import dead_leaves, glyphs  # noqa: E402
+from distill import models, zoo  # noqa: E402
+from kdcore.view import InputSpec, to_pixels  # noqa: E402
 
 BATCH = 256
 
 
-def make_teacher(path: Path, name: str, size: int, channels: int) -> models.InputSpec:
-    spec = models.InputSpec(size, channels, (0.5,) * channels, (0.5,) * channels)
-    model, factory, kwargs = models.build(name, 10, spec)
+def make_teacher(path: Path, name: str, size: int, channels: int) -> InputSpec:
+    spec = InputSpec(size, channels, (0.5,) * channels, (0.5,) * channels)
+    model, factory, kwargs = zoo.build(name, 10, spec)
     models.save_checkpoint(path, model, factory, kwargs, [str(i) for i in range(10)], spec)
     return spec
 
@@ -50,7 +53,7 @@ def make_images(n: int, size: int, channels: int) -> np.ndarray:
     return np.stack([make(np.random.default_rng([7, i]), size) for i in range(n)])
 
 
-def bare_forward(teacher: Path, pixels: np.ndarray, spec: models.InputSpec) -> float:
+def bare_forward(teacher: Path | str, pixels: np.ndarray, spec: InputSpec, batch: int = BATCH) -> float:
     """Seconds for the teacher's forward alone over pre-normalised batches (channels_last, inference_mode)."""
     model = models.load(str(teacher)).model.to(memory_format=torch.channels_last)
     x = torch.from_numpy(pixels if pixels.ndim == 4 else pixels[:, None])
@@ -59,7 +62,7 @@ def bare_forward(teacher: Path, pixels: np.ndarray, spec: models.InputSpec) -> f
     mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
     batches = [
         ((x[i : i + BATCH].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-        for i in range(0, len(x), BATCH)
+        for i in range(0, len(x), batch)
     ]
     with torch.inference_mode():
         model(batches[0])
@@ -69,9 +72,9 @@ def bare_forward(teacher: Path, pixels: np.ndarray, spec: models.InputSpec) -> f
         return time.perf_counter() - t
 
 
-def run_score(teacher: Path, source: str, pool: Path, workers: int = -1) -> float:
+def run_score(teacher: Path | str, source: str, pool: Path, workers: int = -1, batch: int = BATCH) -> float:
     t = time.perf_counter()
-    score(ScoreConfig(teacher=str(teacher), sources=[source], pool=str(pool), batch_size=BATCH, workers=workers,
+    score(ScoreConfig(teacher=str(teacher), sources=[source], pool=str(pool), batch_size=batch, workers=workers,
                       show_progress=False))  # fmt: skip
     return time.perf_counter() - t
 
@@ -87,25 +90,85 @@ def profile_shares(teacher: Path, source: str, pool: Path) -> dict[str, float]:
     for (file, _, func), (_, _, _, ct, _) in stats.items():
         cum[f"{Path(file).name}:{func}"] = cum.get(f"{Path(file).name}:{func}", 0.0) + ct
     total = cum.get("score.py:score", 1e-9)
-    decode = cum.get("decode.py:pixels_from_bytes", 0.0)
-    read = cum.get("sources.py:read", 0.0)
-    hooks = cum.get("scores.py:_bn_hook", 0.0) + cum.get("scores.py:_capture_feat", 0.0)
-    fwd = cum.get("scores.py:__call__", 0.0) - hooks
-    logit = cum.get("scores.py:logit_scores", 0.0)
-    write = cum.get("score.py:_write_unit", 0.0)
+    decode = cum.get("view.py:to_pixels", 0.0)
+    read = cum.get("files.py:read", 0.0)
+    hooks = cum.get("teacher.py:_bn_hook", 0.0) + cum.get("teacher.py:_capture_feat", 0.0)
+    fwd = cum.get("teacher.py:__call__", 0.0) - hooks
+    logit = cum.get("teacher.py:logit_scores", 0.0)
+    write = cum.get("scoring.py:write_unit", 0.0)
     parts = {"read files": max(0.0, read), "decode": decode, "forward": fwd, "hook scores (BN, features)": hooks,
              "logit scores": logit, "Arrow + Parquet write": write}  # fmt: skip
     parts["other (loader, copies, setup)"] = max(0.0, total - sum(parts.values()))
     return {k: v / total for k, v in parts.items()}
 
 
+IMAGENET = ("python:pipelines.teachers:efficientnet_lite0?size=224&channels=3&mean=0.485,0.456,0.406"
+            "&std=0.229,0.224,0.225&classes=@pipelines/imagenet-classes.txt")  # fmt: skip
+
+
+def hooked_forward(teacher: str, pixels: np.ndarray, spec: InputSpec, batch: int) -> tuple[float, float]:
+    """(bare forward s, scoring forward s): the same batches through the bare model and through ScoringModel
+    (forward hooks for bn_score, bn_layers, the feature scores and the embedding), interleaved, best of 3."""
+    from curate.teacher import ScoringModel, logit_scores
+
+    model = models.load(teacher).model.to(memory_format=torch.channels_last)
+    mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
+    x = torch.from_numpy(pixels)
+    batches = [((x[i : i + batch].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(x), batch)]  # fmt: skip
+    bare, hooked = [], []
+    with torch.inference_mode():
+        model(batches[0])
+        for _ in range(3):
+            t = time.perf_counter()
+            for b in batches:
+                model(b)
+            bare.append(time.perf_counter() - t)
+            scorer = ScoringModel(model)
+            t = time.perf_counter()
+            for b in batches:
+                logit_scores(scorer(b).logits)
+            hooked.append(time.perf_counter() - t)
+            scorer.close()
+    return min(bare), min(hooked)
+
+
+def real_teacher(tmp: Path, n: int) -> list[list]:
+    """EfficientNet-Lite0 (ImageNet weights) at 224 px over n JPEG crops of the sample photos."""
+    from PIL import Image
+
+    from curate.sources.builtin import photo_crop
+
+    try:
+        spec = models.load(IMAGENET).input
+    except Exception as e:  # noqa: BLE001 - the optional extra is missing
+        print(f"real teacher skipped: {e}", flush=True)
+        return []
+    folder = tmp / "photos-jpeg"
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(photo_crop(np.random.default_rng([3, i]), 320, "all")).save(folder / f"{i:05d}.jpg", quality=90)
+    files = sorted(folder.iterdir())
+    t = time.perf_counter()
+    decoded = np.stack([to_pixels(f.read_bytes(), spec)[0] for f in files])
+    dec = time.perf_counter() - t
+    bare, hooked = hooked_forward(IMAGENET, decoded, spec, 32)
+    e2e = run_score(IMAGENET, f"x=folder:{folder}", tmp / "pool-real", batch=32)
+    return [["EfficientNet-Lite0, 224 px, JPEG", n, f"{n / bare:.1f}", f"{n / hooked:.1f}", f"{bare / hooked:.2f}",
+             f"{dec:.1f}", f"{bare:.1f}", f"{e2e:.1f}", f"{e2e / (dec + bare):.2f}"]]  # fmt: skip
+
+
 PEAK_SCRIPT = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
-from curate.score import ScoreConfig, score
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-score(ScoreConfig(teacher={teacher!r}, sources=[{source!r}], pool={pool!r}, batch_size=256, show_progress=False))
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+from curate.config import ScoreConfig
+from curate.score import score
+def hwm():  # this process's peak RSS in KiB (VmHWM starts afresh at exec; ru_maxrss keeps the parent's)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+base = hwm()
+score(ScoreConfig(teacher={teacher!r}, sources=[{source!r}], pool={pool!r}, batch_size=256, show_progress=False,
+                  workers=0))
+print(base, hwm())
 """
 
 
@@ -152,13 +215,16 @@ def main() -> None:
             # (b) encoded PNGs
             files = sorted(folder.iterdir())
             t = time.perf_counter()
-            decoded = np.stack([pixels_from_bytes(f.read_bytes(), spec, 10**8)[0] for f in files])
+            decoded = np.stack([to_pixels(f.read_bytes(), spec)[0] for f in files])
             dec = time.perf_counter() - t
             fwd = bare_forward(teacher, decoded, spec)
             e2e = run_score(teacher, f"x=folder:{folder}", tmp / f"pool-png-{name}")
             rows_b.append([label, n, f"{dec:.2f}", f"{fwd:.2f}", f"{e2e:.2f}", f"{e2e / (dec + fwd):.2f}", "≤ 1.25"])
             profiles[label] = profile_shares(teacher, f"x=folder:{folder}", tmp / f"pool-prof-{name}")
             print(label, rows_a[-1], rows_b[-1], flush=True)
+
+        rows_c = real_teacher(tmp, int(320 * scale))
+        print(rows_c, flush=True)
 
         # memory at 1× and 10× the sample count
         teacher = tmp / "cnn.pt"
@@ -176,6 +242,27 @@ def main() -> None:
             table(["teacher", "samples", "bare forward /s", "curate score /s", "ratio", "bar"], rows_a),
             "(b) Folder of PNGs: end-to-end time vs bare Pillow decode + bare forward of the same samples (seconds).",
             table(["teacher", "samples", "decode s", "forward s", "curate score s", "ratio", "bar"], rows_b),
+            "(c) A real teacher: EfficientNet-Lite0 with its ImageNet weights (`pipelines/teachers.py`) at 224 px over "
+            "JPEG crops (320 px) of the sample photos, batch 32. Scoring forward = the same batches through the "
+            "forward hooks that give bn_score, bn_layers, feat_norm, proj_score, span_score and the embedding, plus "
+            "the logit scores (bar ≥ 0.9× the bare forward); then `curate score` end to end against bare decode + "
+            "bare forward of the same files (seconds).",
+            table(
+                [
+                    "teacher",
+                    "samples",
+                    "bare forward /s",
+                    "scoring forward /s",
+                    "ratio (bar ≥ 0.9)",
+                    "decode s",
+                    "forward s",
+                    "curate score s",
+                    "ratio",
+                ],
+                rows_c,
+            )
+            if rows_c
+            else "(skipped: no `imagenet` extra)",
             "Where the time goes (cProfile of an in-process run over the PNG folder, decoding in-process):",
             table(["part", *profiles], [[p, *[f"{profiles[k][p]:.0%}" for k in profiles]] for p in parts]),
             table(["teacher", "pool bytes / sample (zstd Parquet, full logits + embedding)"], sizes),

@@ -217,16 +217,18 @@ def _report(cfg: config.ReportConfig) -> None:
     from curate.report import report
 
     res = report(cfg)
-    table = _table(None, ["source", "samples", "errors", "confidence", "energy", "bn_score", "H/log C", "task"])
+    table = _table(None, ["source", "samples", "errors", "auto", "confidence", "energy", "bn_score", "H/log C", "task"])
     for s in res.sources:
-        table.add_row(s["source"], f"{s['rows']:,}", f"{s['errors']:,}", _f(s["confidence"]), _f(s["energy"]),
-                      _f(s["bn_score"]), _f(s["rel_entropy"]), "yes" if s["task"] else "")  # fmt: skip
+        table.add_row(s["source"], f"{s['rows']:,}", f"{s['errors']:,}", _f(s["auto"]), _f(s["confidence"]),
+                      _f(s["energy"]), _f(s["bn_score"]), _f(s["rel_entropy"]), "yes" if s["task"] else "")  # fmt: skip
     out = _console()
     out.print(table)
     if res.auroc:
         out.print("AUROC (task sources positive): " + ", ".join(f"{k} {v:.3f}" for k, v in res.auroc.items()))
     if res.selection and "precision" in res.selection:
         out.print(f"selection: {res.selection['rows']:,} rows, precision {res.selection['precision']:.3f}")
+    for warning in res.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     out.print(f"report -> {res.html}")
 
 

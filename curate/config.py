@@ -133,7 +133,11 @@ class SelectConfig:
     strategy: str = option(help="threshold, top-per-class, weighted, balanced, random, near or diverse.")
     out: str = option(help="Selection directory (selection.parquet + selection.json).", toml_reason=WORK)
     where: str | None = option(None, "SQL filter over the samples view (one boolean expression), applied first.")
-    score: str = option("confidence", "Column or SQL expression ranking samples (higher = better).")
+    score: str = option(
+        "auto",
+        "Column or SQL expression ranking samples (higher = better). auto: the fused rank "
+        "of bn_score, span_score and energy, the best worst case over teachers and pools.",
+    )
     n: int | None = option(None, "How many samples (weighted, balanced, random, near, diverse).")
     per_class: int | None = option(None, "top-per-class: K per predicted class.")
     threshold: float | None = option(None, "threshold: keep score >= T.")
@@ -171,7 +175,7 @@ class ReportConfig:
     selection: str | None = option(
         None, "A selection directory to describe against the pool.", toml_reason="the job's [select] stage"
     )
-    score: str = option("confidence", "Score ranking the thumbnails (most and least related).")
+    score: str = option("auto", "Score ranking the thumbnails (most and least related); auto: see curate select.")
     thumbs: int = option(12, "Thumbnails per source and direction.")
     task_sources: list[str] = option(
         [],

@@ -43,8 +43,8 @@ def error_schema():
     return pa.schema([(n, getattr(pa, t)()) for n, t in ERROR_COLUMNS])
 
 
-def sample_schema(num_classes: int, embed_dim: int, logits: str, with_odin: bool):
-    """Columns of samples/ parts. `logits` is 'full' or 'topk:K'."""
+def sample_schema(num_classes: int, embed_dim: int, logits: str, with_odin: bool, bn_layers: int = 0):
+    """Columns of samples/ parts. `logits` is 'full' or 'topk:K'; `bn_layers`: the teacher's BatchNorm layers."""
     import pyarrow as pa
 
     from curate.scores import score_names
@@ -69,6 +69,8 @@ def sample_schema(num_classes: int, embed_dim: int, logits: str, with_odin: bool
                    ("logsumexp", pa.float32())]  # fmt: skip
     fields.append(("pred", pa.int16()))
     fields += [(s, pa.float32()) for s in score_names(with_odin)]
+    if bn_layers:
+        fields.append(("bn_layers", pa.list_(pa.float32(), bn_layers)))
     fields.append(("embedding", pa.list_(pa.float32(), embed_dim)))
     return pa.schema(fields)
 

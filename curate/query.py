@@ -1,7 +1,8 @@
 """`curate sql`: DuckDB over a pool, read-only, streaming.
 
-Views: `samples` (all complete parts; `source` is a column), `errors`, and `selection` when a selection
-directory is given. Macros for the things people want over logits:
+Views: `samples` (all complete parts; `source` is a column; plus the derived scores such as `auto`, computed
+over the pool when a query uses them), `errors`, and `selection` when a selection directory is given.
+Macros for the things people want over logits:
 
     prob(logits, k)            softmax probability of class k (0-based)
     topk_classes(logits, k)    the k most probable classes, best first (0-based)
@@ -25,10 +26,18 @@ import duckdb
 
 from curate.config import SqlConfig
 from curate.pool import ERROR_COLUMNS, Pool
+from curate.scores import DERIVED, SCORES, derived_sql
 from kdcore import storage
 from kdcore.errors import UserError
 
 READ_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def _stored_scores(con: duckdb.DuckDBPyConnection, meta: dict) -> list[str]:
+    """The scores of a pool written before pool.json listed them: the stored score columns (bn_score only with
+    BatchNorm)."""
+    columns = {r[0] for r in con.execute("DESCRIBE stored").fetchall()}
+    return [s for s in SCORES if s in columns and (s != "bn_score" or meta.get("bn_score_available", True))]
 
 
 def connect(pool_dir: str, selection: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -48,7 +57,11 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         source = _lit(storage.join(root, "samples", "*", "*.parquet"))  # every file is complete: the glob
     else:  # units being written, or a compaction cut short: only what sample_files vouches for
         source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
-    con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({source}, union_by_name=true)")
+    con.execute(f"CREATE VIEW stored AS SELECT * FROM read_parquet({source}, union_by_name=true)")
+    available = set(meta.get("available_scores") or _stored_scores(con, meta))
+    derived = [f"{sql} AS {name}" for name in DERIVED if (sql := derived_sql(name, available))]
+    # derived scores (auto) are window columns: DuckDB computes them only for the queries that use them
+    con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM stored")
     if storage.glob(storage.join(pool.root, "errors", "*", "*.parquet")):
         errors = _lit(storage.join(root, "errors", "*", "*.parquet"))
         con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, union_by_name=true)")

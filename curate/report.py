@@ -27,12 +27,12 @@ from curate import report_plots as plots
 from curate.config import ReportConfig
 from curate.pool import Pool
 from curate.query import connect, expression
-from curate.scores import SCORES
+from curate.scores import DERIVED, SCORES
 from curate.select import rel_entropy
 from kdcore import storage
 from kdcore.errors import UserError
 
-HIST_SCORES = ("confidence", "energy", "bn_score")
+HIST_SCORES = ("auto", "confidence", "energy", "bn_score")
 BINS, ROC_BINS = 40, 400
 MAX_BARS = 30  # more classes than this: tables of the most predicted classes instead of bars
 
@@ -44,6 +44,7 @@ class ReportResult:
     auroc: dict[str, float] = field(default_factory=dict)
     selection: dict[str, Any] | None = None
     images: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def report(cfg: ReportConfig) -> ReportResult:
@@ -62,18 +63,19 @@ def report(cfg: ReportConfig) -> ReportResult:
         con.execute(f"SELECT ({cfg.score}) FROM samples LIMIT 0").fetchall()
     except duckdb.Error as err:
         raise UserError(f"--score {cfg.score!r}: {str(err).strip().splitlines()[0]}") from None
-    scores = [s for s in SCORES if s in available and _non_null(con, s)]
+    scores = [s for s in [*SCORES, *DERIVED] if s in available and _non_null(con, s)]
     task = _task_sources(meta, cfg.task_sources)
     local = Path(cfg.out) if storage.is_local(cfg.out) else Path(tempfile.mkdtemp(prefix="kdcurate-report-"))
     local.mkdir(parents=True, exist_ok=True)
 
-    rows = con.execute("SELECT source, count(*), avg(confidence), avg(energy), avg(bn_score) FROM samples "
+    auto = "avg(auto)" if "auto" in scores else "NULL"
+    rows = con.execute(f"SELECT source, count(*), {auto}, avg(confidence), avg(energy), avg(bn_score) FROM samples "
                        "GROUP BY source ORDER BY 1").fetchall()  # fmt: skip
     errors = dict(con.execute("SELECT source, count(*) FROM errors GROUP BY source").fetchall())
     hist = _class_hist(con, "samples", len(classes))
-    sources = [{"source": s, "rows": n, "errors": int(errors.get(s, 0)), "confidence": c, "energy": e,
+    sources = [{"source": s, "rows": n, "errors": int(errors.get(s, 0)), "auto": a, "confidence": c, "energy": e,
                 "bn_score": b, "rel_entropy": rel_entropy(hist[s]), "task": s in task,
-                "top_classes": _top_classes(hist[s], classes)} for s, n, c, e, b in rows]  # fmt: skip
+                "top_classes": _top_classes(hist[s], classes)} for s, n, a, c, e, b in rows]  # fmt: skip
     images = [plots.histograms(local / "scores.png", _histograms(con, [s for s in HIST_SCORES if s in scores]))]
     if len(classes) <= MAX_BARS:
         images.append(plots.class_bars(local / "classes.png", hist, classes, "predicted class per source",
@@ -83,6 +85,7 @@ def report(cfg: ReportConfig) -> ReportResult:
         auroc = _auroc(con, scores, task)
         curves = {s: c for s in auroc if (c := _roc(con, s, task)) is not None}
         images.append(plots.roc_curves(local / "roc.png", {s: (f, t, auroc[s]) for s, (f, t) in curves.items()}))
+    warnings = _synthetic_above(con, meta, cfg.score, task)
     px_rows = _thumbnail_rows(con, cfg.score, cfg.thumbs, classes)
     sel_info, sel_rows = None, []
     if cfg.selection:
@@ -102,16 +105,17 @@ def report(cfg: ReportConfig) -> ReportResult:
             thumbs.append(plots.grid(local / "thumbs-selection.png", sel_rows, px,
                                      "the selection, by predicted class (best first)"))  # fmt: skip
     images += thumbs
-    page = _html(meta, pool, sources, auroc, task, thumbs, sel_info, images, cfg.score, classes,
+    page = _html(meta, pool, sources, auroc, task, thumbs, sel_info, images, cfg.score, classes, warnings,
                  time.perf_counter() - t0)  # fmt: skip
     (local / "report.html").write_text(page)
-    storage.write_json(str(local / "report.json"), {"sources": sources, "auroc": auroc, "selection": sel_info})
+    storage.write_json(str(local / "report.json"), {"sources": sources, "auroc": auroc, "selection": sel_info,
+                                                    "warnings": warnings})  # fmt: skip
     if not storage.is_local(cfg.out):
         for p in local.iterdir():
             storage.write_bytes(storage.join(cfg.out, p.name), p.read_bytes(), tag="report")
         shutil.rmtree(local, ignore_errors=True)
     return ReportResult(storage.join(cfg.out, "report.html"), sources, auroc, sel_info,
-                        [storage.join(cfg.out, i) for i in images])  # fmt: skip
+                        [storage.join(cfg.out, i) for i in images], warnings)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -124,6 +128,22 @@ def _task_sources(meta: dict[str, Any], named: list[str] | None) -> set[str]:
             raise UserError(f"--task-source {sorted(unknown)[0]!r} is not a source of the pool")
         return set(named)
     return {name for name, s in meta["sources"].items() if s.get("classes") and s["classes"] == meta["classes"]}
+
+
+def _synthetic_above(con, meta: dict[str, Any], score: str, task: set[str]) -> list[str]:
+    """Warnings for each synthetic source (noise, dead leaves, shaders, glyphs: unrelated by construction) whose
+    median `score` is above the median of the task's sources (or of the real sources when no task is known):
+    the score then does not measure relatedness for this teacher."""
+    synthetic = {n for n, s in meta["sources"].items() if s.get("kind") == "synthetic"}
+    medians = dict(con.execute(f"SELECT source, median(({score})::DOUBLE) FROM samples GROUP BY source").fetchall())
+    reference = [medians[s] for s in (task or set(medians) - synthetic) if medians.get(s) is not None]
+    if not synthetic or not reference:
+        return []
+    bar = float(np.median(reference))
+    return [f"{score} ranks the synthetic source {s} above the {'task' if task else 'other'} sources (median "
+            f"{medians[s]:.3g} against {bar:.3g}): it does not measure relatedness for this teacher; rank by another "
+            "score (see the AUROC table) or use --score auto"
+            for s in sorted(synthetic) if medians.get(s) is not None and medians[s] > bar]  # fmt: skip
 
 
 def _non_null(con, col: str) -> bool:
@@ -275,19 +295,22 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes, seconds) -> str:
+def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes, warnings, seconds) -> str:
     e = html.escape
     teacher = meta["teacher"]
     parts = [
         f"<h1>kdcurate report: {e(storage.redact(pool.root))}</h1>",
+        *(f"<p class=warn>warning: {e(w)}</p>" for w in warnings),
         f"<p class=meta>teacher <code>{e(teacher['spec'])}</code> ({len(classes)} classes, sha256 "
         f"{e(teacher['sha256'][:12])}…) · input {meta['input']['size']}px × {meta['input']['channels']} ch · "
         f"{sum(s['rows'] for s in sources):,} samples · {sum(s['errors'] for s in sources):,} errors</p>",
         "<h2>Sources</h2>",
-        _table(["source", "samples", "errors", "mean confidence", "mean energy", "mean bn_score", "H/log C",
-                "of the task"],
-               [[s["source"], s["rows"], s["errors"], s["confidence"], s["energy"], s["bn_score"], s["rel_entropy"],
-                 "yes" if s["task"] else ""] for s in sources]),
+        _table(["source", "samples", "errors", "mean auto", "mean confidence", "mean energy", "mean bn_score",
+                "H/log C", "of the task"],
+               [[s["source"], s["rows"], s["errors"], s["auto"], s["confidence"], s["energy"], s["bn_score"],
+                 s["rel_entropy"], "yes" if s["task"] else ""] for s in sources]),
+        "<p class=note>auto: the mean percentile rank in the pool of bn_score, span_score and energy (those the "
+        "teacher gives), 0 to 1; a source of related data sits high.</p>",
         "<p class=note>H/log C: relative entropy of the teacher's predicted-class histogram; near 1 = the teacher "
         "sees every class in this source (Frank &amp; Davis 2025).</p>",
         "<h2>Score distributions</h2><img src='scores.png' alt='score histograms'>",
@@ -336,7 +359,7 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes,
         "table{border-collapse:collapse;margin:8px 0}td,th{padding:4px 10px;border-bottom:1px solid #eee;"
         "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f6f6f6}"
         "img{max-width:100%;display:block;margin:8px 0}.meta,.note{color:#666;font-size:12.5px}"
-        "code{background:#f3f3f3;padding:1px 4px}"
+        "code{background:#f3f3f3;padding:1px 4px}.warn{background:#fff3cd;border:1px solid #e0c36b;padding:6px 10px}"
     )
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdcurate report</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>")  # fmt: skip

@@ -51,7 +51,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if not any(units_by_source.values()):
         raise UserError("the sources hold no sample (empty folder, no matching file)")
     with pool.lock("score"):
-        prepare_pool(pool, cfg, runner.teacher, sources, runner.logits_kind, runner.embed_dim, runner.scorer.has_bn)
+        prepare_pool(pool, cfg, runner.teacher, sources, runner.logits_kind, runner.embed_dim, runner.scorer.has_bn,
+                     runner.available)  # fmt: skip
         result = ScoreResult(pool=storage.redact(pool.root))
         todo = plan(pool, units_by_source, result, sources)
         if cfg.engine == "ray":
@@ -131,8 +132,9 @@ def run_local(cfg: ScoreConfig, sources: dict[str, Source], todo: list[Unit], ru
 
 
 def prepare_pool(pool: Pool, cfg: ScoreConfig, teacher: models.LoadedModel, sources: dict[str, Source],
-                 logits_kind: str, embed_dim: int, has_bn: bool) -> None:  # fmt: skip
-    """Create pool.json, or check that an existing pool was scored the same way."""
+                 logits_kind: str, embed_dim: int, has_bn: bool, available: list[str]) -> None:  # fmt: skip
+    """Create pool.json, or check that an existing pool was scored the same way. `available`: the scores this
+    teacher gives (hook scores it cannot give are null)."""
     settings = {
         "teacher_sha256": teacher.fingerprint,
         "input": teacher.input.to_dict(),
@@ -169,6 +171,9 @@ def prepare_pool(pool: Pool, cfg: ScoreConfig, teacher: models.LoadedModel, sour
             "logits": {"kind": logits_kind.split(":")[0], "k": k},
             "scores": {n: {"definition": SCORES[n].definition, "direction": DIRECTION} for n in score_names(cfg.odin)},
             "bn_score_available": has_bn,
+            "available_scores": available,
+            "bn_layers": "per BatchNorm layer (model order, shallow to deep), the RMS over channels of z_c (bn_score "
+            "is minus their mean); absent without BatchNorm",
             "embedding": {
                 "dim": embed_dim,
                 "layer": cfg.embed_layer if cfg.embed_layer != "auto" else "input of the final linear layer",

@@ -43,6 +43,12 @@ SCORES: dict[str, Score] = {
             "hooks",
         ),  # fmt: skip
         Score(
+            "span_score",
+            "share of the embedding's norm inside the span of the final layer's class weight vectors, ||P_W h|| / ||h||"
+            " (sample-free; null when the classes span the whole feature space)",
+            "hooks",
+        ),
+        Score(
             "odin",
             "ODIN: max softmax at temperature T after one input step of size eps against the gradient "
             "of the log max softmax (only with --odin)",
@@ -56,3 +62,32 @@ SCORES: dict[str, Score] = {
 def score_names(odin: bool = False) -> list[str]:
     """The score columns a pool holds, in registry order."""
     return [s.name for s in SCORES.values() if not s.optional or (s.name == "odin" and odin)]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A score computed over the pool when it is queried (a column of the `samples` view), from stored ones."""
+
+    name: str
+    definition: str
+    parts: tuple[str, ...]
+
+
+DERIVED: dict[str, Derived] = {
+    "auto": Derived(
+        "auto",
+        "mean percentile rank in the pool of bn_score, span_score and energy (those the teacher has): BatchNorm "
+        "statistics, the classifier's span and the logits fail on different pools, so their ranks are fused; the "
+        "default, chosen by its worst case over the teacher/pool pairs of benchmarks/relatedness.py",
+        ("bn_score", "span_score", "energy"),
+    ),
+}
+
+
+def derived_sql(name: str, available: set[str]) -> str | None:
+    """The SQL (window functions over the pool) of a derived score, from the parts the pool holds."""
+    parts = [p for p in DERIVED[name].parts if p in available]
+    if not parts:
+        return None
+    ranks = " + ".join(f"percent_rank() OVER (ORDER BY {p} NULLS FIRST)" for p in parts)
+    return f"(({ranks}) / {len(parts)})::FLOAT"

@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from curate.config import ScoreConfig
 from curate.pool import Pool, error_schema, sample_schema
+from curate.scores import SCORES
 from curate.sources import RawSample, ReadError, Source, Unit, content_hash, uid_of
 from curate.teacher import ScoringModel, logit_scores, odin_score
 from distill import models
@@ -207,7 +208,10 @@ class TeacherRunner:
         with torch.inference_mode():
             probe = self.scorer(self.normalize(torch.zeros(2, self.spec.channels, self.spec.size, self.spec.size)))
         self.embed_dim = probe.embedding.shape[1]
-        self.schema = sample_schema(len(self.teacher.classes), self.embed_dim, self.logits_kind, cfg.odin)
+        logit_scores_ = [s.name for s in SCORES.values() if s.origin == "logits"]
+        self.available = logit_scores_ + sorted(probe.hook_scores) + (["odin"] if cfg.odin else [])
+        self.schema = sample_schema(len(self.teacher.classes), self.embed_dim, self.logits_kind, cfg.odin,
+                                    self.scorer.bn_count)  # fmt: skip
 
     def add(self, rows: UnitRows, chunk: dict[str, Any]) -> int:
         """Score one batch of a unit into `rows`; returns the number of samples scored."""
@@ -229,6 +233,8 @@ class TeacherRunner:
                 top = out.logits.topk(k, dim=1)
                 cols["topk_idx"], cols["topk_val"], cols["logsumexp"] = top.indices, top.values, cols["energy"]
             cols["embedding"] = out.embedding
+            if out.bn_layers is not None:
+                cols["bn_layers"] = out.bn_layers
         if self.cfg.odin:
             cols["odin"] = odin_score(self.model, x, self.cfg.odin_temperature, self.cfg.odin_eps)
         return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()

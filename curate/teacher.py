@@ -44,26 +44,33 @@ class Forward:
     logits: torch.Tensor
     embedding: torch.Tensor
     hook_scores: dict[str, torch.Tensor]  # the 'hooks' scores the teacher allows (absent: null in the pool)
+    bn_layers: torch.Tensor | None = None  # N×L: each BatchNorm layer's deviation (RMS z), shallow to deep
 
 
 class ScoringModel:
     """Wraps a teacher: one call gives logits, embedding and the hook-based scores.
 
     embed_layer 'auto' is the input of the final linear layer; any other value names a module
-    (dotted path) whose output, spatially averaged if 4-d, becomes the embedding. Scripted
-    teachers cannot carry hooks: their embedding is the logits and the hook scores are null."""
+    (dotted path) whose output, spatially averaged if 4-d, becomes the embedding. Opaque teachers
+    (TorchScript, torch.export, ONNX) cannot carry hooks: their embedding is the logits (or an ONNX
+    model's named embedding output) and the hook scores are null."""
 
     def __init__(self, model: nn.Module, embed_layer: str = "auto", scripted: bool = False) -> None:
         self.model = model
+        self.opaque = scripted
         self.head = None if scripted else final_linear(model)
         self._feat: torch.Tensor | None = None
         self._embed: torch.Tensor | None = None
         self._bn: list[torch.Tensor] = []
         self.hooks = []
         self.has_bn = False
+        self.bn_count = 0
+        self._basis = None  # orthonormal basis of the classifier's weight rows, when they span less than the features
         if scripted:
             if embed_layer != "auto":
-                raise ValueError("a torchscript teacher cannot expose named layers; use --embed-layer auto")
+                raise ValueError(
+                    "an opaque teacher (TorchScript, torch.export, ONNX) has no named layers; use --embed-layer auto"
+                )
             return
         if self.head is not None:
             self.hooks.append(self.head.register_forward_pre_hook(self._capture_feat))
@@ -77,7 +84,11 @@ class ScoringModel:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
                 self.has_bn = True
+                self.bn_count += 1
                 self.hooks.append(m.register_forward_pre_hook(self._bn_hook))
+        if self.head is not None and self.head.out_features < self.head.in_features:
+            q, _ = torch.linalg.qr(self.head.weight.detach().float().T)
+            self._basis = q
 
     def _capture_feat(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._feat = inputs[0]
@@ -95,7 +106,7 @@ class ScoringModel:
         self._feat, self._embed, self._bn = None, None, []
         logits = self.model(x).float()
         feat = self._feat.float().flatten(1) if self._feat is not None else None
-        emb = self._embed
+        emb = self._embed if not self.opaque else getattr(self.model, "last_embedding", None)
         if emb is not None:
             emb = emb.float()
             emb = emb.mean(dim=tuple(range(2, emb.dim()))) if emb.dim() > 2 else emb.flatten(1)
@@ -105,12 +116,19 @@ class ScoringModel:
             emb = logits
         scores: dict[str, torch.Tensor] = {}
         if feat is not None and self.head is not None:
-            scores["feat_norm"] = feat.norm(dim=1)
+            norm = feat.norm(dim=1)
+            scores["feat_norm"] = norm
             w = self.head.weight.float()[logits.argmax(1)]
             scores["proj_score"] = (feat * w).sum(1) / w.norm(dim=1).clamp_min(1e-12)
+            if self._basis is not None:
+                q = self._basis.to(feat.device)
+                inside = (feat @ q).norm(dim=1)  # the part of h the classifier can see
+                scores["span_score"] = inside / norm.clamp_min(1e-12)
+        layers = None
         if self._bn:
-            scores["bn_score"] = -torch.stack(self._bn, 0).mean(0)
-        return Forward(logits, emb, scores)
+            layers = torch.stack(self._bn, 1)
+            scores["bn_score"] = -layers.mean(1)
+        return Forward(logits, emb, scores, layers)
 
     def close(self) -> None:
         for h in self.hooks:

@@ -115,17 +115,18 @@ def predictions(spec: str, shards: Shards, device: torch.device) -> tuple[np.nda
 
 
 def compare(teacher: str, student: str | None, data: str, device: str = "auto") -> dict[str, Any]:
-    """Teacher accuracy, student accuracy and their agreement on the same labelled shards."""
+    """On the same shards: the student's agreement with the teacher (the teacher run on them here), and, where
+    the shards hold true labels, the teacher's and the student's accuracy."""
     dev = resolve_device(device)
-    shards = open_shards(data)
+    shards = open_shards(data, need_classes=False)
     t_pred, labels = predictions(teacher, shards, dev)
     known = labels >= 0
-    out: dict[str, Any] = {
-        "eval_samples": int(len(labels)),
-        "teacher_accuracy": float((t_pred == labels)[known].mean()),
-    }
+    out: dict[str, Any] = {"eval_samples": int(len(labels))}
+    if known.any():
+        out["teacher_accuracy"] = float((t_pred == labels)[known].mean())
     if student:
         s_pred, _ = predictions(student, shards, dev)
-        out["student_accuracy"] = float((s_pred == labels)[known].mean())
+        if known.any():
+            out["student_accuracy"] = float((s_pred == labels)[known].mean())
         out["agreement"] = float((s_pred == t_pred).mean())
     return out

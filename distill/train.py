@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -176,7 +177,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                                          "kwargs": kwargs})  # fmt: skip
         _truncate_metrics(out / "metrics.jsonl", step)
     ddp = DDP(model) if world > 1 else model
-    eval_shards = open_shards(cfg.eval) if cfg.eval else None
+    eval_shards = _eval_shards(cfg.eval, shards) if cfg.eval else None
     normalize = Normalize(spec, device)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     cuda = device.type == "cuda"
@@ -253,6 +254,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                                        "teacher": cfg.teacher or shards.manifest.get("teacher")}})  # fmt: skip
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return TrainResult(str(out), step, resumed_from, _scalars(final), time.perf_counter() - t0)
+
+
+def _eval_shards(spec: str, shards: Shards) -> Shards | None:
+    """Evaluation shards, when they can measure something: true labels in the student's classes, or the teacher's
+    soft labels. Unlabelled shards without soft labels (e.g. held-out images for agreement) are skipped here."""
+    found = open_shards(spec, need_classes=False)
+    if not found.manifest.get("labels") and found.soft_labels == "none":
+        print(f"note: --eval {storage.redact(spec)} holds neither true labels nor soft labels; no evaluation during "
+              "training", file=sys.stderr)  # fmt: skip
+        return None
+    if found.classes != shards.classes:
+        raise UserError(f"--eval {storage.redact(spec)} has other classes than the training shards")
+    return found
 
 
 def _check(cfg: TrainConfig, shards: Shards) -> None:

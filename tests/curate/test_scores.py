@@ -94,3 +94,24 @@ def test_odin_perturbation_raises_the_tempered_confidence():
     plain = torch.softmax(model(x) / 1000.0, 1).max(1).values
     odin = odin_score(model, x, temperature=1000.0, eps=0.01)
     assert (odin >= plain - 1e-7).all() and (odin > plain).any()
+
+
+def test_span_score_and_bn_layers_by_hand():
+    """span_score = ||P_W h|| / ||h||, P_W the projection on the span of the classifier's rows; bn_layers holds
+    one RMS z per BatchNorm layer and bn_score is minus their mean."""
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2, bias=False)).eval()
+    model[0].eps = 0.0
+    model[0].running_var.fill_(1.0)
+    model[1].weight.data = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # rows span the first two axes
+    x = torch.tensor([[3.0, 4.0, 12.0]])
+    with torch.inference_mode():
+        s = ScoringModel(model)
+        out = s(x)
+    assert out.hook_scores["span_score"].item() == pytest.approx(5 / 13)
+    assert out.bn_layers.shape == (1, 1)
+    assert out.bn_layers[0, 0].item() == pytest.approx(math.sqrt((9 + 16 + 144) / 3))
+    assert out.hook_scores["bn_score"].item() == pytest.approx(-out.bn_layers.mean().item())
+    # as many classes as features: the classifier sees all of h, so there is no span score (a null column)
+    square = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).eval()
+    with torch.inference_mode():
+        assert "span_score" not in ScoringModel(square)(x).hook_scores

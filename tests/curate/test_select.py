@@ -72,7 +72,9 @@ def test_short_classes_are_reported(pool, tmp_path):
 
 def test_weighted_draw_frequencies_follow_the_weights(pool, tmp_path):
     n, tau = 200_000, 0.3
-    table, info = run(pool, tmp_path / "sel", strategy="weighted", n=n, replace=True, temperature=tau, seed=3)
+    table, info = run(
+        pool, tmp_path / "sel", strategy="weighted", n=n, replace=True, temperature=tau, seed=3, score="confidence"
+    )
     assert table.column("weight").to_numpy().sum() == pytest.approx(n)
     allp = pool_column(pool, "SELECT uid, source, confidence FROM samples ORDER BY uid")
     p = draw_probabilities(allp["confidence"].astype(np.float64), tau)
@@ -271,3 +273,23 @@ def test_weighted_probabilities_against_a_hand_computation():
     e = [math.exp(0.5), math.exp(1.0), math.exp(2.0)]
     assert p.tolist() == pytest.approx([v / sum(e) for v in e])
     assert draw_probabilities(score, gamma=2.0).tolist() == pytest.approx([1 / 21, 4 / 21, 16 / 21])
+
+
+def test_the_default_score_is_auto_and_ranks_by_it(pool, tmp_path):
+    table, info = run(pool, tmp_path / "sel", strategy="top-per-class", per_class=15)
+    assert info["score"] == "auto"
+    allp = pool_column(pool, "SELECT uid, pred, auto, source FROM samples")
+    chosen = set(table.column("uid").to_pylist())
+    for c in range(10):
+        mask = allp["pred"] == c
+        kept = [s for u, s in zip(allp["uid"][mask], allp["auto"][mask], strict=True) if u in chosen]
+        left = [s for u, s in zip(allp["uid"][mask], allp["auto"][mask], strict=True) if u not in chosen]
+        if kept and left:
+            assert min(kept) >= max(left)
+    src = table.column("source").to_pylist()
+    assert src.count("digits") / len(src) >= 0.9
+    # a filter applies after the ranking over the whole pool: the same auto values, a subset of rows
+    filtered, _ = run(pool, tmp_path / "f", strategy="threshold", threshold=0.5, where="source <> 'digits'")
+    assert set(filtered.column("source").to_pylist()) <= {"noise", "leaves", "glyphs"}
+    want = (allp["auto"] >= 0.5) & (allp["source"] != "digits")
+    assert set(filtered.column("uid").to_pylist()) == set(allp["uid"][want].tolist())

