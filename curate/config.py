@@ -145,7 +145,10 @@ class SelectConfig:
     temperature: float = option(1.0, "weighted: p ∝ softmax(score / T).")
     gamma: float | None = option(None, "weighted: p ∝ score ** GAMMA instead of the softmax.")
     replace: bool = option(False, "weighted: draw with replacement (weight = times drawn).")
-    references: list[str] = option([], "near: NAME=SPEC of reference images, repeatable.", cli_name="reference")
+    references: list[str] = option([], "NAME=SPEC of a few images of the task, repeatable. near: the seeds of the "
+                                   "search; any other strategy: they calibrate the score (ref_score, minus the "
+                                   "embedding distance to the nearest reference, takes half of auto's weight).",
+                                   cli_name="reference")  # fmt: skip
     k: int = option(10, "near: score = cosine similarity to the k-th nearest reference.")
     nprobe: int | None = option(None, "near: IVF lists probed (default: the index's; more = slower, better).")
     clusters: int = option(64, "diverse: k-means clusters (equal quotas).")

@@ -40,8 +40,10 @@ def _stored_scores(con: duckdb.DuckDBPyConnection, meta: dict) -> list[str]:
     return [s for s in SCORES if s in columns and (s != "bn_score" or meta.get("bn_score_available", True))]
 
 
-def connect(pool_dir: str, selection: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the pool's views and macros."""
+def connect(pool_dir: str, selection: str | None = None, threads: int | None = None, reference: Any = None
+            ) -> duckdb.DuckDBPyConnection:  # fmt: skip
+    """An in-memory DuckDB connection with the pool's views and macros. `reference`: an Arrow table (uid,
+    ref_score) from reference images; it joins `samples` and takes its share of `auto`."""
     pool = Pool(pool_dir)
     meta = pool.meta()
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
@@ -59,9 +61,14 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
     con.execute(f"CREATE VIEW stored AS SELECT * FROM read_parquet({source}, union_by_name=true)")
     available = set(meta.get("available_scores") or _stored_scores(con, meta))
-    derived = [f"{sql} AS {name}" for name in DERIVED if (sql := derived_sql(name, available))]
+    derived = [f"{sql} AS {name}" for name in DERIVED if (sql := derived_sql(name, available, reference is not None))]
     # derived scores (auto) are window columns: DuckDB computes them only for the queries that use them
-    con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM stored")
+    if reference is None:
+        con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM stored")
+    else:
+        con.register("_reference", reference)
+        con.execute("CREATE VIEW _with_ref AS SELECT s.*, r.ref_score FROM stored s LEFT JOIN _reference r USING (uid)")
+        con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM _with_ref")
     if storage.glob(storage.join(pool.root, "errors", "*", "*.parquet")):
         errors = _lit(storage.join(root, "errors", "*", "*.parquet"))
         con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, union_by_name=true)")

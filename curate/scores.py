@@ -78,16 +78,22 @@ DERIVED: dict[str, Derived] = {
         "auto",
         "mean percentile rank in the pool of bn_score, span_score and energy (those the teacher has): BatchNorm "
         "statistics, the classifier's span and the logits fail on different pools, so their ranks are fused; the "
-        "default, chosen by its worst case over the teacher/pool pairs of benchmarks/relatedness.py",
+        "default, chosen by its worst case over the teacher/pool pairs of benchmarks/relatedness.py; with reference "
+        "images (select --reference), averaged with the rank of ref_score",
         ("bn_score", "span_score", "energy"),
     ),
 }
 
 
-def derived_sql(name: str, available: set[str]) -> str | None:
-    """The SQL (window functions over the pool) of a derived score, from the parts the pool holds."""
+def derived_sql(name: str, available: set[str], reference: bool = False) -> str | None:
+    """The SQL (window functions over the pool) of a derived score, from the parts the pool holds. With
+    `reference` (a `ref_score` column from reference images, `curate select --reference`), the reference score's
+    rank takes half the weight: a few images of the task outweigh what the teacher alone can tell."""
     parts = [p for p in DERIVED[name].parts if p in available]
     if not parts:
         return None
     ranks = " + ".join(f"percent_rank() OVER (ORDER BY {p} NULLS FIRST)" for p in parts)
-    return f"(({ranks}) / {len(parts)})::FLOAT"
+    fused = f"({ranks}) / {len(parts)}"
+    if reference:
+        fused = f"(({fused}) + percent_rank() OVER (ORDER BY ref_score NULLS FIRST)) / 2"
+    return f"({fused})::FLOAT"

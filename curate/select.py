@@ -53,6 +53,9 @@ def select(cfg: SelectConfig) -> SelectResult:
     dedup = parse_dedup(cfg.dedup)
     strategy = STRATEGIES[cfg.strategy]
     con = connect(cfg.pool)
+    if cfg.references and cfg.strategy != "near":  # references calibrate the score: ref_score, and auto uses it
+        refs = embed_references(meta, cfg.references, unit_norm=False)
+        con = connect(cfg.pool, reference=reference_scores(con, refs))
     where = f"WHERE ({expression(cfg.where, '--where', con)})" if cfg.where else ""
     if strategy.scored:
         expression(cfg.score, "--score", con)
@@ -200,8 +203,27 @@ def dedup_near(con: duckdb.DuckDBPyConnection, uids: np.ndarray, score: np.ndarr
 # ------------------------------------------------------------------------------------------ references
 
 
-def embed_references(meta: dict[str, Any], specs: list[str]) -> np.ndarray:
-    """Embed reference images with the pool's own teacher and preprocessing; L2-normalised float32."""
+def reference_scores(con: duckdb.DuckDBPyConnection, refs: np.ndarray, batch: int = 65_536) -> pa.Table:
+    """ref_score per pool sample: minus the Euclidean distance from its embedding to the nearest reference's
+    (FAISS, exact), streamed over the pool."""
+    import faiss
+
+    index = faiss.IndexFlatL2(refs.shape[1])
+    index.add(refs)
+    uids, scores = [], []
+    reader = con.sql("SELECT uid, embedding FROM stored").to_arrow_reader(batch)
+    for rb in reader:
+        emb = rb.column(1)
+        vecs = np.ascontiguousarray(emb.flatten().to_numpy(zero_copy_only=False).reshape(len(rb), -1), np.float32)
+        dist, _ = index.search(vecs, 1)
+        uids.append(rb.column(0).to_numpy())
+        scores.append(-np.sqrt(np.maximum(dist[:, 0], 0)))
+    return pa.table({"uid": np.concatenate(uids), "ref_score": np.concatenate(scores).astype(np.float32)})
+
+
+def embed_references(meta: dict[str, Any], specs: list[str], unit_norm: bool = True) -> np.ndarray:
+    """Embed reference images with the pool's own teacher and preprocessing; float32, L2-normalised unless
+    `unit_norm` is False."""
     import faiss
     import torch
 
@@ -231,7 +253,8 @@ def embed_references(meta: dict[str, Any], specs: list[str]) -> np.ndarray:
     if not out:
         raise UserError("the reference sources hold no readable image")
     refs = np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
-    faiss.normalize_L2(refs)
+    if unit_norm:
+        faiss.normalize_L2(refs)
     return refs
 
 

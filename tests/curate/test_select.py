@@ -293,3 +293,29 @@ def test_the_default_score_is_auto_and_ranks_by_it(pool, tmp_path):
     assert set(filtered.column("source").to_pylist()) <= {"noise", "leaves", "glyphs"}
     want = (allp["auto"] >= 0.5) & (allp["source"] != "digits")
     assert set(filtered.column("uid").to_pylist()) == set(allp["uid"][want].tolist())
+
+
+def test_references_calibrate_the_score(pool, teacher, tmp_path):
+    """With --reference and a strategy other than near, ref_score (minus the distance to the nearest reference's
+    embedding) joins the pool, and auto averages its rank with the teacher-only auto."""
+    refs = "task=builtin:digits?stop=20"
+    ref_pool = tmp_path / "refs"
+    score(ScoreConfig(str(teacher), [refs], str(ref_pool), show_progress=False))
+    ref_emb = np.stack(pq.read_table(ref_pool / "samples", columns=["embedding"]).column("embedding").to_pylist())
+    everything = pool_column(pool, "SELECT uid, embedding, auto, source FROM samples ORDER BY uid")
+    emb = np.stack(everything["embedding"])
+    want = -np.sqrt(((emb[:, None, :] - ref_emb[None]) ** 2).sum(-1).min(1))
+    table, info = run(pool, tmp_path / "ref", strategy="threshold", fraction=1.0, score="ref_score", references=[refs])
+    got = dict(zip(table.column("uid").to_pylist(), table.column("score").to_numpy(), strict=True))
+    np.testing.assert_allclose([got[u] for u in everything["uid"]], want, rtol=1e-4, atol=1e-4)
+    assert info["params"]["references"] == [refs]
+
+    def prank(x):
+        return np.searchsorted(np.sort(x), x, side="left") / (len(x) - 1)
+
+    table, _ = run(pool, tmp_path / "auto", strategy="threshold", fraction=1.0, references=[refs])
+    got = dict(zip(table.column("uid").to_pylist(), table.column("score").to_numpy(), strict=True))
+    fused = (everything["auto"].astype(np.float64) + prank(want)) / 2
+    np.testing.assert_allclose([got[u] for u in everything["uid"]], fused, atol=2e-3)
+    top, _ = run(pool, tmp_path / "top", strategy="threshold", fraction=0.2, references=[refs])
+    assert top.column("source").to_pylist().count("digits") / top.num_rows >= 0.95
