@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -214,7 +215,9 @@ def open_read(url: str) -> Iterator[IO[bytes]]:
         finally:
             proc.stdout.close()  # type: ignore[union-attr]
             code = proc.wait()
-        if code != 0:
+        # SIGPIPE (141 from the shell, -13 from a direct signal): the reader stopped before the command's end,
+        # as a tar reader does at the end-of-archive marker with padding left; webdataset ignores it too
+        if code not in (0, 141, -signal.SIGPIPE):
             raise OSError(f"pipe command exited with status {code}: {url[5:][:200]}")
         return
     if is_local(url):

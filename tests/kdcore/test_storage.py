@@ -69,3 +69,14 @@ def test_reads_refuse_what_is_too_large_before_reading(tmp_path, s3):
         storage.read_bytes(url, max_bytes=4096)
     with storage.open_read(f"pipe:head -c 3000 {tmp_path / 'big'}") as stream:
         assert len(stream.read()) == 3000
+
+
+def test_pipe_reads_stop_early_without_error_but_a_failing_command_is_one():
+    # the reader stops after a few bytes (as a tar reader does at the end-of-archive marker): the command dies of
+    # SIGPIPE, which is not a failure
+    with storage.open_read("pipe:yes") as f:
+        assert f.read(6) == b"y\ny\ny\n"
+    with storage.open_read("pipe:yes | cat") as f:  # through a shell pipeline: exit status 141
+        assert f.read(2) == b"y\n"
+    with pytest.raises(OSError, match="exited with status 3"), storage.open_read("pipe:printf abc; exit 3") as f:
+        assert f.read() == b"abc"
