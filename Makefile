@@ -49,7 +49,7 @@ bench: venv data
 	$(BIN)/python benchmarks/distill_throughput.py
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/relatedness.py --phase scores
-	$(BIN)/python benchmarks/relatedness.py --phase students
+	$(BIN)/python benchmarks/relatedness.py --phase students --seeds 2 --long fashion
 
 clean:
 	rm -rf $(VENV) work

@@ -85,7 +85,7 @@ def report(cfg: ReportConfig) -> ReportResult:
         auroc = _auroc(con, scores, task)
         curves = {s: c for s in auroc if (c := _roc(con, s, task)) is not None}
         images.append(plots.roc_curves(local / "roc.png", {s: (f, t, auroc[s]) for s, (f, t) in curves.items()}))
-    warnings = _synthetic_above(con, meta, cfg.score, task)
+    warnings = _synthetic_above(con, meta, cfg.score, task) + _weak_separation(con, cfg.score, task, auroc)
     px_rows = _thumbnail_rows(con, cfg.score, cfg.thumbs, classes)
     sel_info, sel_rows = None, []
     if cfg.selection:
@@ -141,9 +141,29 @@ def _synthetic_above(con, meta: dict[str, Any], score: str, task: set[str]) -> l
         return []
     bar = float(np.median(reference))
     return [f"{score} ranks the synthetic source {s} above the {'task' if task else 'other'} sources (median "
-            f"{medians[s]:.3g} against {bar:.3g}): it does not measure relatedness for this teacher; rank by another "
-            "score (see the AUROC table) or use --score auto"
+            f"{medians[s]:.3g} against {bar:.3g}): it does not measure relatedness for this teacher; "
+            + ("give a few task images (curate select --reference)" if score == "auto" else
+               "rank by another score (see the AUROC table) or use --score auto")
             for s in sorted(synthetic) if medians.get(s) is not None and medians[s] > bar]  # fmt: skip
+
+
+WEAK_AUROC = 0.8  # below it, a selection by the score is mostly unrelated on the benchmark's pairs
+
+
+def _weak_separation(con, score: str, task: set[str], auroc: dict[str, float]) -> list[str]:
+    """A warning when the task sources are known and the ranking score hardly separates them from the rest (a
+    domain-shifted task: the teacher's scores prefer other real data). Reference images are the remedy."""
+    if not auroc:
+        return []
+    value = auroc[score] if score in auroc else _auroc(con, [score], task).get(score)
+    if value is None or value >= WEAK_AUROC:
+        return []
+    best = max(auroc, key=lambda k: auroc[k])
+    return [
+        f"{score} separates the task sources from the rest with AUROC {value:.2f} only (best score here: {best} "
+        f"{auroc[best]:.2f}); a selection by it will be mostly unrelated: give a few task images with curate "
+        "select --reference NAME=SPEC (with --strategy near when the task is domain-shifted)"
+    ]
 
 
 def _non_null(con, col: str) -> bool:
@@ -183,9 +203,9 @@ def _auroc(con, scores: list[str], task: set[str]) -> dict[str, float]:
     res = {}
     for s in scores:
         rank_sum, n1, n0 = con.execute(
-            f"WITH r AS (SELECT source IN ({names}) AS pos, avg(rk) OVER (PARTITION BY {s}) AS rk FROM "
-            f"(SELECT source, {s}, rank() OVER (ORDER BY {s}) + (count(*) OVER (PARTITION BY {s}) - 1) / 2.0 AS rk "
-            f"FROM samples WHERE {s} IS NOT NULL)) "
+            f"WITH r AS (SELECT source IN ({names}) AS pos, avg(rk) OVER (PARTITION BY v) AS rk FROM "
+            f"(SELECT source, ({s}) AS v, rank() OVER (ORDER BY ({s})) + (count(*) OVER (PARTITION BY ({s})) - 1) "
+            f"/ 2.0 AS rk FROM samples WHERE ({s}) IS NOT NULL)) "
             "SELECT sum(rk) FILTER (WHERE pos), count(*) FILTER (WHERE pos), count(*) FILTER (WHERE NOT pos) FROM r"
         ).fetchall()[0]
         if n1 and n0:

@@ -96,7 +96,21 @@ def rank_shards(urls: list[str], rank: int, world: int, epoch: int, seed: int, s
     return order[rank::world]
 
 
-def decode(sample: dict[str, Any], spec: InputSpec, num_classes: int, flip: bool = False) -> dict[str, Any]:
+class Flip:
+    """Mirrors half the samples, drawing from a generator seeded by the run's seed and the worker: the same
+    --seed (and --workers) mirrors the same samples."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.rng = seed, None
+
+    def __call__(self) -> bool:
+        if self.rng is None:  # first use in this (worker) process
+            info = torch.utils.data.get_worker_info()
+            self.rng = random.Random(self.seed * 1009 + 1 + (info.id if info else 0))
+        return self.rng.random() < 0.5
+
+
+def decode(sample: dict[str, Any], spec: InputSpec, num_classes: int, flip: Flip | None = None) -> dict[str, Any]:
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_KEYS)})")
@@ -105,7 +119,7 @@ def decode(sample: dict[str, Any], spec: InputSpec, num_classes: int, flip: bool
     except DecodeError as e:
         raise ValueError(f"sample {sample.get('__key__')}: {e}") from None
     x = torch.from_numpy(px if px.flags.writeable else px.copy())
-    if flip and random.random() < 0.5:
+    if flip is not None and flip():
         x = x.flip(-1)
     meta = json.loads(sample["json"]) if "json" in sample else {}
     logits = torch.zeros(num_classes)
@@ -199,9 +213,10 @@ def loader(
     ]
     if train and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000), seed=seed * 7919 + epoch))
+    mirror = Flip(seed) if flip and train else None
     stages += [
         wds.map(
-            partial(decode, spec=spec or shards.input, num_classes=len(shards.classes or []), flip=flip and train),
+            partial(decode, spec=spec or shards.input, num_classes=len(shards.classes or []), flip=mirror),
             handler=wds.warn_and_continue,
         ),  # a sample that does not decode is skipped with a warning
         wds.batched(batch_size, collation_fn=collate, partial=not train),

@@ -188,6 +188,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
     augment_cfg = AugmentConfig(crop=cfg.crop, randaugment=cfg.randaugment, mixup=cfg.mixup, cutmix=cfg.cutmix)
 
     final: dict[str, Any] = {}
+    view_check: float | None = None  # does the teacher keep its stored label on the augmented views?
     seen, window_t, window_n, window_loss = 0, time.perf_counter(), 0, 0.0
     window_terms: dict[str, float] = {}  # the weighted feature/relational terms, logged beside the loss
     ddp.train()
@@ -200,11 +201,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
             weights = batch["weight"].to(device, non_blocking=True) if cfg.weights else None
             online = teacher is not None and (stored is None or _online_step(cfg, step))
             mix, t_feats = None, {}
+            plain = x01  # flipped by the loader when --flip; not yet cropped or mixed
             if online or teacher is None:  # stored soft labels belong to the plain view: only it uses them
                 x01, mix = augment(x01, augment_cfg)
             t_logits = stored
             if online:
                 t_logits, t_feats = teacher(x01)
+                if view_check is None and stored is not None and (cfg.flip or cfg.crop or cfg.randaugment):
+                    view_check = _view_agreement(cfg, teacher, plain, stored)
+                    if rank == 0:
+                        _say_view_agreement(cfg, view_check)
+                        append_metrics(out / "metrics.jsonl", {"step": step, "online_view_agreement": view_check})
             x = normalize(x01, scaled=True)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
                 logits = ddp(x)
@@ -253,7 +260,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                         extra={"run": {"steps": step, "loss": cfg.loss, "shards": storage.redact(cfg.shards),
                                        "teacher": cfg.teacher or shards.manifest.get("teacher")}})  # fmt: skip
         plot_curves(out / "metrics.jsonl", out / "curves.png")
-    return TrainResult(str(out), step, resumed_from, _scalars(final), time.perf_counter() - t0)
+    checked = {} if view_check is None else {"online_view_agreement": view_check}
+    return TrainResult(str(out), step, resumed_from, {**_scalars(final), **checked}, time.perf_counter() - t0)
 
 
 def _eval_shards(spec: str, shards: Shards) -> Shards | None:
@@ -291,6 +299,27 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, proj: nn.Module | None = None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+VIEW_AGREEMENT_WARN = 0.9
+
+
+def _view_agreement(cfg: TrainConfig, teacher: OnlineTeacher, plain: torch.Tensor, stored: torch.Tensor) -> float:
+    """Share of a batch on which the teacher, on the augmented view (flip, crop, RandAugment; not mixed: mixing
+    changes the class on purpose), keeps the class its stored soft label gives the plain view. A teacher trained
+    without these augmentations changes its mind often, and its online labels are then worse than the stored ones."""
+    with torch.random.fork_rng(devices=[]):  # the run's own random draws stay as they were
+        view, _ = augment(plain, AugmentConfig(crop=cfg.crop, randaugment=cfg.randaugment))
+    return float((teacher(view)[0].argmax(1) == stored.argmax(1)).float().mean())
+
+
+def _say_view_agreement(cfg: TrainConfig, value: float) -> None:
+    print(f"note: on the first batch's augmented views the online teacher keeps its stored label for "
+          f"{value:.0%} of the samples", file=sys.stderr)  # fmt: skip
+    if value < VIEW_AGREEMENT_WARN:
+        print(f"warning: the online teacher changes its prediction on {1 - value:.0%} of the augmented views (was it "
+              "trained with these augmentations?): its online labels are noisier than the stored soft labels; unless "
+              "the selection is small, distill offline or lower --crop / drop --flip", file=sys.stderr)  # fmt: skip
 
 
 def _online_step(cfg: TrainConfig, step: int) -> bool:

@@ -85,3 +85,18 @@ def test_report_warns_when_the_score_ranks_synthetic_data_above_the_task(pool, t
     proc = run_cli("curate", "report", str(pool), "--out", str(tmp_path / "cli"), "--score", "-bn_score",
                    "--thumbs", "0")  # fmt: skip
     assert proc.returncode == 0 and "warning: -bn_score ranks the synthetic source" in proc.stderr
+
+
+def test_report_warns_when_the_score_hardly_separates_the_task(pool, tmp_path):
+    """With the task known, a ranking score whose AUROC is below 0.8 (here an arbitrary hash of the uid) gets a
+    warning that names the best score and the remedy (reference images); bn_score, which separates, gets none."""
+    weak = report(ReportConfig(str(pool), str(tmp_path / "weak"), score="hash(uid) % 1000", thumbs=0))
+    line = next(w for w in weak.warnings if "separates the task sources" in w)
+    value = float(re.search(r"AUROC (\d\.\d+) only", line).group(1))
+    con = connect(str(pool))
+    rows = con.execute("SELECT (hash(uid) % 1000)::DOUBLE, source = 'digits' FROM samples").fetchall()
+    s, pos = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    assert value == pytest.approx(auroc(s[pos], s[~pos]), abs=0.006) and value < 0.8
+    assert "--reference" in line and "best score here: " in line
+    strong = report(ReportConfig(str(pool), str(tmp_path / "strong"), score="bn_score", thumbs=0))
+    assert not any("separates the task sources" in w for w in strong.warnings)

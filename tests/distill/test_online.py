@@ -67,8 +67,11 @@ def test_teacher_is_called_on_the_mixed_view_the_student_sees(shards, teacher, t
     student_inputs = record_student(monkeypatch)
     recorder.INPUTS.clear()
     train(cfg(train_dir, tmp_path / "mix", teacher=recording_spec(teacher), mixup=1.0, crop=1))
-    assert len(recorder.INPUTS) == len(student_inputs) == 6  # one teacher call per step, on the same view
-    for t_in, s_in in zip(recorder.INPUTS, student_inputs, strict=True):
+    # one teacher call per step on the student's view, plus one on the first step: the view check, which labels
+    # the cropped but unmixed view
+    assert len(recorder.INPUTS) == 7 and len(student_inputs) == 6
+    assert on_uint8_grid(recorder.INPUTS[1]) > 0.999
+    for t_in, s_in in zip(recorder.INPUTS[:1] + recorder.INPUTS[2:], student_inputs, strict=True):
         assert torch.allclose(t_in, s_in, atol=1e-5)
         assert on_uint8_grid(t_in) < 0.5  # mixed: not the decoded originals
     recorder.INPUTS.clear()
@@ -125,3 +128,27 @@ def test_finetune_on_ten_labels_per_class(shards, tmp_path):
     assert info["samples"] == 100 and "accuracy" in proc.stdout
     assert info["accuracy"] > info["accuracy_before"] + 0.1 and info["loss_last"] < info["loss_first"]
     assert (tmp_path / "weak" / "finetune" / "student.pt").is_file()
+
+
+def test_online_teacher_that_changes_its_mind_on_augmented_views_is_reported(shards, teacher, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    """The digits teacher never saw mirrored digits: on flipped views it often leaves its stored label, which the
+    run measures on its first online batch, logs, and warns about. The check draws no random numbers of the
+    run's own: with it replaced by a constant, the student's weights are the same."""
+    train_dir, _, _ = shards
+    res = train(cfg(train_dir, tmp_path / "flip", teacher=str(teacher), flip=True, crop=1))
+    value = res.final["online_view_agreement"]
+    rows = [json.loads(x) for x in (tmp_path / "flip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["online_view_agreement"] for r in rows if "online_view_agreement" in r] == [value]
+    assert 0.0 < value < 0.9
+    err = capsys.readouterr().err
+    assert f"keeps its stored label for {value:.0%}" in err and "warning: the online teacher changes" in err
+
+    plain = train(cfg(train_dir, tmp_path / "plain", teacher=str(teacher)))  # nothing augmented: nothing to check
+    assert "online_view_agreement" not in plain.final
+
+    monkeypatch.setattr(distill.train, "_view_agreement", lambda *a: 1.0)
+    train(cfg(train_dir, tmp_path / "flip-unchecked", teacher=str(teacher), flip=True, crop=1))
+    a = torch.load(tmp_path / "flip" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "flip-unchecked" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
