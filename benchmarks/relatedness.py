@@ -62,6 +62,9 @@ FASHION_POOL = [
     "noise=synthetic:noise?n=3000&size=28",
 ]
 FASHION_TEST = "test=builtin:fashion-mnist?split=test&stop=5000"
+FASHION_TRAIN = "f=builtin:fashion-mnist?split=train&stop=50000"  # the Fashion-MNIST teachers' data
+FASHION_REFS = "r=builtin:fashion-mnist?split=train&start=49980&stop=50000"  # 20 task images as references
+FASHION_FEW = "few=builtin:fashion-mnist?split=train&stop=2000"  # labelled images for few-label fine-tuning
 SYNTHETIC = ("glyphs", "leaves", "shaders", "noise")
 IMAGENET = ("python:pipelines.teachers:efficientnet_lite0?size=224&channels=3&mean=0.485,0.456,0.406"
             "&std=0.229,0.224,0.225&classes=@pipelines/imagenet-classes.txt")  # fmt: skip
@@ -124,10 +127,10 @@ PAIRS = {
     p.name: p
     for p in (
         Pair("fashion", "cnn-small on Fashion-MNIST; the demo's pool",
-             trained("fashion", "f=builtin:fashion-mnist?split=train&stop=50000", "cnn-small", 800),
+             trained("fashion", FASHION_TRAIN, "cnn-small", 800),
              lambda w: FASHION_POOL, ("fashion",), 5000, FASHION_TEST,
-             refs="r=builtin:fashion-mnist?split=train&start=49980&stop=50000",
-             few="few=builtin:fashion-mnist?split=train&stop=2000"),
+             refs=FASHION_REFS,
+             few=FASHION_FEW),
         Pair("imagenet", "EfficientNet-Lite0 (ImageNet); photo crops among synthetic images",
              lambda w: IMAGENET, photo_folder, ("photos",), 200, None,
              held="held=builtin:photos?set=all&n=100&size=256&seed=99",
@@ -141,18 +144,18 @@ PAIRS = {
              ("digits",), 600, "test=builtin:digits?start=1300", refs="r=builtin:digits?start=1200&stop=1220",
              few="few=builtin:digits?start=1200&stop=1300", flip=False),
         Pair("fashion-mlp", "an MLP without BatchNorm on Fashion-MNIST; the demo's pool",
-             trained("fashion-mlp", "f=builtin:fashion-mnist?split=train&stop=50000", "mlp", 800),
+             trained("fashion-mlp", FASHION_TRAIN, "mlp", 800),
              lambda w: FASHION_POOL, ("fashion",), 5000, FASHION_TEST,
-             refs="r=builtin:fashion-mnist?split=train&start=49980&stop=50000",
-             few="few=builtin:fashion-mnist?split=train&stop=2000"),
+             refs=FASHION_REFS,
+             few=FASHION_FEW),
         Pair("fashion-rare", "cnn (wider) on Fashion-MNIST; 1,000 Fashion-MNIST among 30,000 others",
-             trained("fashion-rare", "f=builtin:fashion-mnist?split=train&stop=50000", "cnn", 600),
+             trained("fashion-rare", FASHION_TRAIN, "cnn", 600),
              lambda w: ["fashion=builtin:fashion-mnist?split=train&start=50000&stop=51000", "mnist=builtin:mnist",
                         "digits=builtin:digits", "glyphs=synthetic:glyphs?n=4700&size=28",
                         "photos=builtin:photos?n=4700&size=28", "leaves=synthetic:dead-leaves?n=4700&size=28",
                         "shaders=synthetic:shaders?n=4700&size=28", "noise=synthetic:noise?n=4700&size=28"],
-             ("fashion",), 500, FASHION_TEST, refs="r=builtin:fashion-mnist?split=train&start=49980&stop=50000",
-             few="few=builtin:fashion-mnist?split=train&stop=2000"),
+             ("fashion",), 500, FASHION_TEST, refs=FASHION_REFS,
+             few=FASHION_FEW),
     )
 }  # fmt: skip
 

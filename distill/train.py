@@ -208,9 +208,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
             if online:
                 t_logits, t_feats = teacher(x01)
                 if view_check is None and stored is not None and (cfg.flip or cfg.crop or cfg.randaugment):
-                    view_check = _view_agreement(cfg, teacher, plain, stored)
+                    unmixed = t_logits if mix is None else None  # the teacher has labelled the augmented view
+                    view_check = _view_agreement(cfg, teacher, plain, stored, unmixed)
                     if rank == 0:
-                        _say_view_agreement(cfg, view_check)
+                        _say_view_agreement(view_check)
                         append_metrics(out / "metrics.jsonl", {"step": step, "online_view_agreement": view_check})
             x = normalize(x01, scaled=True)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
@@ -304,16 +305,20 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, proj: nn.Module | None = None
 VIEW_AGREEMENT_WARN = 0.9
 
 
-def _view_agreement(cfg: TrainConfig, teacher: OnlineTeacher, plain: torch.Tensor, stored: torch.Tensor) -> float:
+def _view_agreement(cfg: TrainConfig, teacher: OnlineTeacher, plain: torch.Tensor, stored: torch.Tensor,
+                    on_view: torch.Tensor | None) -> float:  # fmt: skip
     """Share of a batch on which the teacher, on the augmented view (flip, crop, RandAugment; not mixed: mixing
     changes the class on purpose), keeps the class its stored soft label gives the plain view. A teacher trained
-    without these augmentations changes its mind often, and its online labels are then worse than the stored ones."""
-    with torch.random.fork_rng(devices=[]):  # the run's own random draws stay as they were
-        view, _ = augment(plain, AugmentConfig(crop=cfg.crop, randaugment=cfg.randaugment))
-    return float((teacher(view)[0].argmax(1) == stored.argmax(1)).float().mean())
+    without these augmentations changes its mind often, and its online labels are then worse than the stored ones.
+    `on_view`: the teacher's logits on the step's own view when that view was not mixed (no second forward)."""
+    if on_view is None:
+        with torch.random.fork_rng(devices=[]):  # the run's own random draws stay as they were
+            view, _ = augment(plain, AugmentConfig(crop=cfg.crop, randaugment=cfg.randaugment))
+        on_view = teacher(view)[0]
+    return float((on_view.argmax(1) == stored.argmax(1)).float().mean())
 
 
-def _say_view_agreement(cfg: TrainConfig, value: float) -> None:
+def _say_view_agreement(value: float) -> None:
     print(f"note: on the first batch's augmented views the online teacher keeps its stored label for "
           f"{value:.0%} of the samples", file=sys.stderr)  # fmt: skip
     if value < VIEW_AGREEMENT_WARN:

@@ -41,6 +41,18 @@ def pool_column(pool: Path, sql: str) -> dict:
     return connect(str(pool)).execute(sql).fetchnumpy()
 
 
+def assert_ranked_within_classes(pool, table, score: str) -> None:
+    """Nothing left out in a predicted class scores above what was kept there."""
+    allp = pool_column(pool, f"SELECT uid, pred, {score} FROM samples")
+    chosen = set(table.column("uid").to_pylist())
+    for c in np.unique(allp["pred"]):
+        mask = allp["pred"] == c
+        kept = [s for u, s in zip(allp["uid"][mask], allp[score][mask], strict=True) if u in chosen]
+        left = [s for u, s in zip(allp["uid"][mask], allp[score][mask], strict=True) if u not in chosen]
+        if kept and left:
+            assert min(kept) >= max(left)
+
+
 def test_top_per_class_by_confidence_picks_in_distribution_and_respects_k(pool, tmp_path):
     table, info = run(pool, tmp_path / "sel", strategy="top-per-class", per_class=15, score="confidence")
     pred = table.column("pred").to_numpy()
@@ -50,14 +62,7 @@ def test_top_per_class_by_confidence_picks_in_distribution_and_respects_k(pool, 
     src = table.column("source").to_pylist()
     assert src.count("digits") / len(src) >= 0.8  # the pool is 30% digits
     # the ranking really is by score: nothing left out in a class scores above what was kept there
-    allp = pool_column(pool, "SELECT uid, pred, confidence FROM samples")
-    chosen = set(table.column("uid").to_pylist())
-    for c in range(10):
-        mask = allp["pred"] == c
-        kept = [s for u, s in zip(allp["uid"][mask], allp["confidence"][mask], strict=True) if u in chosen]
-        left = [s for u, s in zip(allp["uid"][mask], allp["confidence"][mask], strict=True) if u not in chosen]
-        if kept and left:
-            assert min(kept) >= max(left)
+    assert_ranked_within_classes(pool, table, "confidence")
     assert info["per_class"] == {info["classes"][c]: int(counts[c]) for c in range(10)}
     assert info["rel_entropy"] == pytest.approx(
         -sum(p * np.log(p) for p in counts[counts > 0] / counts.sum()) / np.log(10), abs=1e-5
@@ -278,19 +283,13 @@ def test_weighted_probabilities_against_a_hand_computation():
 def test_the_default_score_is_auto_and_ranks_by_it(pool, tmp_path):
     table, info = run(pool, tmp_path / "sel", strategy="top-per-class", per_class=15)
     assert info["score"] == "auto"
-    allp = pool_column(pool, "SELECT uid, pred, auto, source FROM samples")
-    chosen = set(table.column("uid").to_pylist())
-    for c in range(10):
-        mask = allp["pred"] == c
-        kept = [s for u, s in zip(allp["uid"][mask], allp["auto"][mask], strict=True) if u in chosen]
-        left = [s for u, s in zip(allp["uid"][mask], allp["auto"][mask], strict=True) if u not in chosen]
-        if kept and left:
-            assert min(kept) >= max(left)
+    assert_ranked_within_classes(pool, table, "auto")
     src = table.column("source").to_pylist()
     assert src.count("digits") / len(src) >= 0.9
     # a filter applies after the ranking over the whole pool: the same auto values, a subset of rows
     filtered, _ = run(pool, tmp_path / "f", strategy="threshold", threshold=0.5, where="source <> 'digits'")
     assert set(filtered.column("source").to_pylist()) <= {"noise", "leaves", "glyphs"}
+    allp = pool_column(pool, "SELECT uid, auto, source FROM samples")
     want = (allp["auto"] >= 0.5) & (allp["source"] != "digits")
     assert set(filtered.column("uid").to_pylist()) == set(allp["uid"][want].tolist())
 
