@@ -1,7 +1,9 @@
-"""Shared by the benchmarks: the machine description and writing a table into docs/benchmarks.md."""
+"""Shared by the benchmarks: the common options, the machine description and writing a table into
+docs/benchmarks.md (or the file `--doc` names)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -30,15 +32,28 @@ def machine() -> str:
     )
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between <!-- NAME --> markers in docs/benchmarks.md."""
+def add_options(ap: argparse.ArgumentParser) -> None:
+    """--smoke and --doc, which every benchmark takes."""
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, a few seconds: proves the script runs end to end (its numbers mean nothing)",
+    )
+    ap.add_argument("--doc", type=Path, default=DOC, help=f"the Markdown file the tables go into (default {DOC})")
+
+
+SMOKE = "(smoke run: tiny sizes; the numbers mean nothing)"
+
+
+def write_section(name: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) the section between <!-- NAME --> markers in `doc` (docs/benchmarks.md)."""
     start, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
     block = f"{start}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -6,7 +6,7 @@
     (bar >= 1.5x).
 Shards: 28×28 PNGs with teacher logits, exported from a pool scored by a CNN teacher (width 32).
 
-    python benchmarks/distill_throughput.py [--n 20000] [--device auto]
+    python benchmarks/distill_throughput.py [--n 20000] [--device auto] [--smoke] [--doc PATH]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
 from curate.export import ExportConfig, export  # noqa: E402
 from curate.score import ScoreConfig, score  # noqa: E402
 from curate.select import SelectConfig, select  # noqa: E402
@@ -57,7 +57,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
+    add_options(ap)
     args = ap.parse_args()
+    if args.smoke:  # 256 samples, 4 steps of 32, loading in this process
+        args.n, args.steps, args.workers = 256, 4, 0
+    log_every = 1 if args.smoke else 25
+    batch = 32 if args.smoke else BATCH
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     rows = []
@@ -68,14 +73,14 @@ def main() -> None:
         spec = shards.input
 
         # (a1) loader alone
-        it = loader(shards, BATCH, train=True, workers=args.workers, shuffle_buffer=2000)
+        it = loader(shards, batch, train=True, workers=args.workers, shuffle_buffer=2000)
         next(it)
         t0, seen = time.perf_counter(), 0
         for _ in range(args.steps):
             seen += len(next(it)["image"])
         loader_rate = seen / (time.perf_counter() - t0)
         del it
-        batches = [b for _, b in zip(range(8), loader(shards, BATCH, train=True, workers=0), strict=False)]
+        batches = [b for _, b in zip(range(8), loader(shards, batch, train=True, workers=0), strict=False)]
 
         mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
@@ -113,14 +118,14 @@ def main() -> None:
                 one(batches[i % len(batches)])
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            return args.steps * BATCH / (time.perf_counter() - t0)
+            return args.steps * batch / (time.perf_counter() - t0)
 
-        for student in ("cnn-tiny", "cnn-small"):
+        for student in ("cnn-tiny",) if args.smoke else ("cnn-tiny", "cnn-small"):
             offline = step_rate(student, online=False)
             online = step_rate(student, online=True)
             run = train(TrainConfig(shards=str(shard_dir), out=str(tmp / f"run-{student}"), student=student,
-                                    steps=args.steps, batch_size=BATCH, workers=args.workers, device=str(device),
-                                    show_progress=False, checkpoint_every=10**9, log_every=25))  # fmt: skip
+                                    steps=args.steps, batch_size=batch, workers=args.workers, device=str(device),
+                                    show_progress=False, checkpoint_every=10**9, log_every=log_every))  # fmt: skip
             windows = [json.loads(line) for line in (Path(run.out) / "metrics.jsonl").read_text().splitlines()]
             real = float(np.median([w["samples_per_s"] for w in windows[1:]]))  # steady state: after the first window
             bound = 1 / (1 / loader_rate + 1 / offline)  # both on the same cores, one after the other
@@ -129,8 +134,8 @@ def main() -> None:
                          "pass" if offline / online >= 1.5 else "FAIL"])  # fmt: skip
             print(rows[-1], flush=True)
     body = (
-        f"## Distill throughput ({device.type})\n\nMachine: {machine()}.\n\n"
-        f"`python benchmarks/distill_throughput.py --device {device.type}`: batch {BATCH}, teacher `cnn` "
+        f"## Distill throughput ({device.type}){' ' + SMOKE if args.smoke else ''}\n\nMachine: {machine()}.\n\n"
+        f"`python benchmarks/distill_throughput.py --device {device.type}`: batch {batch}, teacher `cnn` "
         f"(width 32), 28×28 PNG shards with float16 logits, {args.workers} loader workers. Loader = decode + "
         "collate alone; step = forward + KD loss + backward + AdamW on batches already in memory; `distill train` "
         "= the real loop, steady state (median of 25-step windows after the first), loader workers and the step "
@@ -152,7 +157,7 @@ def main() -> None:
             rows,
         )  # fmt: skip
     )
-    write_section(f"distill-{device.type}", body)
+    write_section(f"distill-{device.type}", body, args.doc)
 
 
 if __name__ == "__main__":

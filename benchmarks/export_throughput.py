@@ -6,7 +6,7 @@ Two pools of 28×28 images, scored by a small CNN teacher:
 Baseline: one process reading the same image bytes (file reads / PNG encodes), building the same members
 (logits.npy, json, cls) and writing them with tarfile. Bars: export >= 0.8 x baseline; >= 5,000 samples/s.
 
-    python benchmarks/export_throughput.py [--n 50000]
+    python benchmarks/export_throughput.py [--n 50000] [--smoke] [--doc PATH]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
 from curate.config import ExportConfig, ScoreConfig, SelectConfig  # noqa: E402
 from curate.export import export  # noqa: E402
 from curate.query import connect  # noqa: E402
@@ -39,9 +39,9 @@ from distill import models, zoo  # noqa: E402
 from kdcore.view import InputSpec  # noqa: E402
 
 
-def images(n: int) -> tuple[np.ndarray, str]:
+def images(n: int, fashion: bool = True) -> tuple[np.ndarray, str]:
     path = Path(FASHION_DIR) / "train-images-idx3-ubyte.gz"
-    if path.exists():
+    if fashion and path.exists():
         return read_idx(str(path))[:n], f"idx:{path}?labels={Path(FASHION_DIR) / 'train-labels-idx1-ubyte.gz'}"
     from curate.sources.builtin import digits
 
@@ -91,8 +91,11 @@ def baseline(pool: str, sel: str, out: Path, reader) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50_000)
+    add_options(ap)
     args = ap.parse_args()
-    x, idx_spec = images(args.n)
+    if args.smoke:  # 200 digits, upscaled, as the array case too
+        args.n = 200
+    x, idx_spec = images(args.n, fashion=not args.smoke)
     if idx_spec:  # the IDX case exports all 60,000 records; the folder holds the same images
         x = read_idx(idx_spec.split(":", 1)[1].split("?")[0])
     rows = []
@@ -138,7 +141,8 @@ def main() -> None:
                          "pass" if rate >= 5000 else "FAIL", f"{res.bytes / res.samples:,.0f}"])  # fmt: skip
             print(rows[-1], flush=True)
     body = (
-        f"## Export throughput\n\nMachine: {machine()}.\n\n`python benchmarks/export_throughput.py` "
+        f"## Export throughput{' ' + SMOKE if args.smoke else ''}\n\nMachine: {machine()}.\n\n"
+        "`python benchmarks/export_throughput.py` "
         "(all 60,000 Fashion-MNIST train images when installed): "
         "`curate export` end to end (selection join in DuckDB, shard plan, re-reading each unit, "
         f"{os.cpu_count()} writer processes, sha256 of every shard) against one process writing the same members "
@@ -156,7 +160,7 @@ def main() -> None:
             rows,
         )  # fmt: skip
     )
-    write_section("export", body)
+    write_section("export", body, args.doc)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ Also: the AUROC of each pool score for separating Fashion-MNIST (positive) from 
 Everything is cached under work/bench/quality/ (teacher, pools, selections, shards, one JSON per
 row and seed), so a rerun only computes what is missing; `--rows` picks rows, `--fresh` starts over.
 
-    python benchmarks/quality.py [--seeds 3] [--steps 1000] [--rows A,B,C,...]
+    python benchmarks/quality.py [--seeds 3] [--steps 1000] [--rows A,B,C,...] [--smoke] [--doc PATH]
+
+`--smoke`: the same pipeline on slices of the same data (300 teacher images, a pool of 600, selections
+of 60), rows A, C and E, one seed, a few steps, in a temporary folder.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
 from curate.config import ExportConfig, IndexConfig, ReportConfig, ScoreConfig, SelectConfig  # noqa: E402
 from curate.export import export  # noqa: E402
 from curate.index import index  # noqa: E402
@@ -61,6 +64,13 @@ POOL = [
     "noise=synthetic:noise?n=17000&size=28",
 ]
 NO_TASK = "source <> 'fashion'"
+SMOKE_DATA = {
+    "teacher_data": "fashion=builtin:fashion-mnist?split=train&stop=300",
+    "test": "test=builtin:fashion-mnist?split=test&stop=200",
+    "pool": ["fashion=builtin:fashion-mnist?split=train&start=50000&stop=50150", "mnist=builtin:mnist?stop=150",
+             "glyphs=synthetic:glyphs?n=150&size=28", "noise=synthetic:noise?n=150&size=28"],
+    "n_select": 60, "rows": "A,C,E", "seeds": 1, "steps": 6, "eval_every": 3, "teacher_steps": 10,
+}  # fmt: skip
 
 
 @dataclass
@@ -122,13 +132,14 @@ def mark(path: Path, info: dict | None = None) -> None:
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Teacher, test shards, the teacher's soft labels on its own data, the pool and its index."""
     info: dict[str, Any] = {}
-    labelled, test = WORK / "labelled", WORK / "test"
-    for out, src in ((labelled, TEACHER_DATA), (test, TEST)):
+    work = args.work
+    labelled, test = work / "labelled", work / "test"
+    for out, src in ((labelled, args.teacher_data), (test, args.test)):
         if not done(out):
             shutil.rmtree(out, ignore_errors=True)
             export(ExportConfig(out=str(out), sources=[src], shard_size=10_000, show_progress=False))
             mark(out)
-    teacher = WORK / "teacher"
+    teacher = work / "teacher"
     if not done(teacher):
         log(f"teacher: {args.teacher} on train[0:50000], {args.teacher_steps} steps")
         t0 = time.perf_counter()
@@ -139,34 +150,36 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         mark(teacher, {"accuracy": res.final["accuracy"], "seconds": time.perf_counter() - t0})
     info["teacher"] = json.loads((teacher / ".done").read_text())
     log(f"teacher accuracy {info['teacher']['accuracy']:.4f}")
-    for name, sources in (("orig-pool", [TEACHER_DATA]), ("pool", POOL)):
-        out = WORK / name
+    for name, sources in (("orig-pool", [args.teacher_data]), ("pool", args.pool)):
+        out = work / name
         if not done(out):
             log(f"scoring {name}")
             t0 = time.perf_counter()
             res = score(ScoreConfig(teacher=str(teacher), sources=sources, pool=str(out), show_progress=False))
             mark(out, {"rows": res.rows, "seconds": time.perf_counter() - t0})
-    pool = WORK / "pool"
+    pool = work / "pool"
     if not (pool / "index").is_dir():
         index(IndexConfig(str(pool), show_progress=False))
-    rep = WORK / "report"
+    rep = work / "report"
     if not (rep / "report.json").is_file():
-        report(ReportConfig(str(pool), str(rep), task_sources=["fashion"]))
+        report(ReportConfig(str(pool), str(rep), task_sources=["fashion"], thumbs=2 if args.smoke else 12))
     info["auroc"] = json.loads((rep / "report.json").read_text())["auroc"]
     info["pool_rows"] = json.loads((pool / ".done").read_text())["rows"]
     return info
 
 
-def shards_for(row: Row) -> tuple[Path, dict[str, Any]]:
-    """The row's selection exported as shards (the original data for A and B)."""
+def shards_for(row: Row, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The row's selection exported as shards (the original data for A and B); selections of `args.n_select`."""
     if row.base:
-        return shards_for(BY_KEY[row.base])
+        return shards_for(BY_KEY[row.base], args)
+    work = args.work
     if row.select is None:
-        sel, out, pool = WORK / "sel-orig", WORK / "shards-orig", WORK / "orig-pool"
+        sel, out, pool = work / "sel-orig", work / "shards-orig", work / "orig-pool"
         spec: dict[str, Any] = {"strategy": "threshold", "threshold": -1e30, "score": "confidence"}
     else:
-        sel, out, pool = WORK / f"sel-{row.key}", WORK / f"shards-{row.key}", WORK / "pool"
-        spec = row.select
+        sel, out, pool = work / f"sel-{row.key}", work / f"shards-{row.key}", work / "pool"
+        scale = {"n": args.n_select, "per_class": args.n_select // 10}
+        spec = {k: scale.get(k, v) for k, v in row.select.items()}
     t0 = time.perf_counter()
     if not done(out):
         for d in (sel, out):
@@ -179,20 +192,21 @@ def shards_for(row: Row) -> tuple[Path, dict[str, Any]]:
 
 
 def run_row(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    result = WORK / "results" / f"{row.key.replace(':', '_')}-seed{seed}-steps{args.steps}.json"
+    work = args.work
+    result = work / "results" / f"{row.key.replace(':', '_')}-seed{seed}-steps{args.steps}.json"
     if result.is_file():
         return json.loads(result.read_text())
-    shards, _ = shards_for(row)
-    run_dir = WORK / "runs" / f"{row.key.replace(':', '_')}-seed{seed}"
+    shards, _ = shards_for(row, args)
+    run_dir = work / "runs" / f"{row.key.replace(':', '_')}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     log(f"row {row.key} seed {seed}")
     t0 = time.perf_counter()
     if row.finetune:
         run_row(BY_KEY[row.base], seed, args)  # the offline students it starts from
         t0 = time.perf_counter()
-        res = finetune(FinetuneConfig(run=str(WORK / "runs" / f"{row.base}-seed{seed}"), data=str(WORK / "labelled"),
+        res = finetune(FinetuneConfig(run=str(work / "runs" / f"{row.base}-seed{seed}"), data=str(work / "labelled"),
                                       out=str(run_dir), per_class=10, steps=200, lr=3e-4, flip=True,
-                                      eval=str(WORK / "test"), seed=seed))  # fmt: skip
+                                      eval=str(work / "test"), seed=seed))  # fmt: skip
         out = {
             "row": row.key,
             "seed": seed,
@@ -204,9 +218,9 @@ def run_row(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         result.write_text(json.dumps(out))
         log(f"row {row.key} seed {seed}: accuracy {out['accuracy']:.4f}")
         return out
-    online = {"teacher": str(WORK / "teacher")} if row.base else {}
+    online = {"teacher": str(work / "teacher")} if row.base else {}
     res = train(TrainConfig(shards=str(shards), out=str(run_dir), student="cnn-tiny", steps=args.steps,
-                            batch_size=128, lr=3e-3, eval=str(WORK / "test"), eval_every=args.eval_every,
+                            batch_size=128, lr=3e-3, eval=str(work / "test"), eval_every=args.eval_every,
                             checkpoint_every=args.steps, seed=seed, show_progress=False, **online,
                             **row.train))  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -238,23 +252,30 @@ def main() -> None:
     ap.add_argument("--online", action="store_true", help="also the online-mode rows (second table)")
     ap.add_argument("--online-seeds", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="delete work/bench/quality first")
+    add_options(ap)
     args = ap.parse_args()
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         sys.exit("error: Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
+    args.work, args.teacher_data, args.test, args.pool, args.n_select = WORK, TEACHER_DATA, TEST, POOL, N_SELECT
+    if args.smoke:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="kdcurate-bench-")
+        vars(args).update(SMOKE_DATA, work=Path(tmp.name), online=False)
     if args.fresh:
-        shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     info = prepare(args)
     wanted = args.rows.split(",")
     results = {r.key: [run_row(r, s, args) for s in range(args.seeds)] for r in ROWS if r.key in wanted}
     body = render(info, results, args)
-    write_section("quality", body)
+    write_section("quality", body, args.doc)
     print(body)
     if args.online:
         online = {r.key: [run_row(r, s, args) for s in range(args.online_seeds)] for r in ONLINE_ROWS}
         body = render_online(results, online, args)
-        write_section("quality-online", body)
+        write_section("quality-online", body, args.doc)
         print(body)
     log(f"done in {time.perf_counter() - t_start:.0f} s")
 
@@ -268,7 +289,7 @@ def render(info: dict[str, Any], results: dict[str, list[dict]], args: argparse.
             continue
         acc = np.array([r["accuracy"] for r in results[row.key]])
         sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        _, sel = shards_for(row)
+        _, sel = shards_for(row, args)
         reach = steps_to([r["curve"] for r in results[row.key]], 0.95 * a_acc) if a_acc else None
         precision = "1.000 (original data)" if row.select is None else f"{sel['precision']:.3f}"
         rows.append([
@@ -296,7 +317,7 @@ def render(info: dict[str, Any], results: dict[str, list[dict]], args: argparse.
     teacher = info["teacher"]
     return "\n".join(
         [
-            "## Quality: curated selections against the baselines",
+            f"## Quality: curated selections against the baselines{' ' + SMOKE if args.smoke else ''}",
             "",
             f"`python benchmarks/quality.py --seeds {args.seeds} --steps {args.steps}` on {machine()}.",
             "",
@@ -307,7 +328,7 @@ def render(info: dict[str, Any], results: dict[str, list[dict]], args: argparse.
             "crops, dead leaves, shader-like patterns and noise. Student: `cnn-tiny` (18k parameters, a quarter of "
             f"the teacher's), {args.steps} steps of batch 128 in every row (AdamW, lr 3e-3, warm-up + cosine), "
             f"KD at T=4 unless stated; {args.seeds} seeds; test accuracy on the 10,000 Fashion-MNIST test images, "
-            f"evaluated every {args.eval_every} steps. Selections hold {N_SELECT:,} samples "
+            f"evaluated every {args.eval_every} steps. Selections hold {args.n_select:,} samples "
             "(G's dedup may drop a few).",
             "",
             table(

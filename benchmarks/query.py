@@ -7,7 +7,7 @@ Each operation runs in a fresh subprocess so its peak RSS is its own:
   near: 1k reference vectors through the IVF-PQ index, restricted by a SQL filter
 plus the IVF-PQ build (`curate index`). The pool is cached under work/bench/query-pool.
 
-    python benchmarks/query.py [--rows 10000000]
+    python benchmarks/query.py [--rows 10000000] [--smoke] [--doc PATH]
 """
 
 from __future__ import annotations
@@ -26,24 +26,58 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
 
 C, D, UNIT = 10, 64, 250_000
 SOURCES = {"related": 0.1, "photos": 0.3, "synthetic": 0.3, "noise": 0.3}
 
 
+def score_columns(logits: np.ndarray, emb: np.ndarray, centers: np.ndarray, related: bool,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:  # fmt: skip
+    """pred and every score of the registry (curate/scores.py) for synthetic logits and embeddings: the logit
+    scores by the pool's own code (curate.teacher.logit_scores), the hook scores computed from the embedding
+    against the class centres as a classifier's weights; a registry score without a rule here gets a generic
+    column, so the pool always has the columns the schema requires."""
+    import torch
+
+    from curate.scores import score_names
+    from curate.teacher import logit_scores
+
+    cols = {k: v.numpy() for k, v in logit_scores(torch.from_numpy(logits)).items()}
+    pred = cols["pred"]
+    feat = np.linalg.norm(emb, axis=1)
+    basis, _ = np.linalg.qr(centers.T)  # orthonormal basis of the span of the class weight vectors
+    w = centers[pred]
+    hooks = {
+        "bn_score": -np.abs(rng.normal(size=len(emb))) * (0.5 if related else 1.5),
+        "feat_norm": feat,
+        "proj_score": (emb * w).sum(1) / np.linalg.norm(w, axis=1),
+        "span_score": np.linalg.norm(emb @ basis, axis=1) / feat,
+    }
+    out = {"pred": pred.astype(np.int16)}
+    for name in score_names():
+        value = cols.get(name, hooks.get(name))
+        out[name] = (value if value is not None else rng.normal(1.0 if related else 0.0, 1.0, len(emb))).astype(
+            np.float32
+        )
+    return out
+
+
 def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
     """Scores shaped like a real pool's: a related source with confident, class-spread predictions and
-    clustered embeddings, three unrelated ones with flatter logits; uids from sample ids as in scoring."""
+    clustered embeddings, three unrelated ones with flatter logits; uids from sample ids as in scoring. The
+    columns follow the pool's schema (curate.pool.sample_schema) and the score registry."""
     from curate.pool import SCHEMA_VERSION, Pool, sample_schema
     from curate.scores import SCORES
     from curate.sources import uid_of
 
     pool = Pool(root)
-    if pool.exists() and json.loads(Path(pool.meta_url).read_text()).get("bench_rows") == rows and unit == UNIT:
-        return
-    pool.wipe()
     schema = sample_schema(C, D, "full", False)
+    if pool.exists() and unit == UNIT:
+        meta = json.loads(Path(pool.meta_url).read_text())
+        if meta.get("bench_rows") == rows and meta.get("bench_columns") == schema.names:
+            return
+    pool.wipe()
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(C, D)).astype(np.float32)
     t0 = time.perf_counter()
@@ -55,9 +89,6 @@ def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
             logits = rng.normal(scale=1.0, size=(m, C)).astype(np.float32)
             cls = rng.integers(0, C, m)
             logits[np.arange(m), cls] += rng.uniform(4, 9, m) if related else rng.uniform(0, 3, m)
-            z = logits - logits.max(1, keepdims=True)
-            p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-            ps = np.sort(p, 1)
             emb = (centers[cls] * (1.0 if related else 0.3) + rng.normal(size=(m, D))).astype(np.float32)
             keys = [f"{start + i:09d}" for i in range(m)]
             ids = [f"{name}/{k}" for k in keys]
@@ -73,21 +104,14 @@ def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
                 "label": pa.nulls(m, pa.int16()),
                 "meta": pa.nulls(m, pa.string()),
                 "logits": pa.FixedSizeListArray.from_arrays(logits.ravel(), C),
-                "pred": logits.argmax(1).astype(np.int16),
-                "confidence": ps[:, -1],
-                "margin": ps[:, -1] - ps[:, -2],
-                "entropy": 1 + (p * np.log(p + 1e-12)).sum(1) / np.log(C),
-                "energy": (np.log(np.exp(z).sum(1)) + logits.max(1)).astype(np.float32),
-                "max_logit": logits.max(1),
-                "bn_score": -np.abs(rng.normal(size=m)).astype(np.float32) * (0.5 if related else 1.5),
-                "feat_norm": np.linalg.norm(emb, axis=1),
-                "proj_score": (emb * centers[cls]).sum(1),
+                **score_columns(logits, emb, centers, related, rng),
                 "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), D),
             }
             tbl = pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
             pool.write_unit(name, f"{u:06d}", tbl, pa.table({}), {"unit": f"{u:06d}", "rows": m, "errors": 0})
     pool.write_meta({
-        "schema_version": SCHEMA_VERSION, "bench_rows": rows, "classes": [str(i) for i in range(C)],
+        "schema_version": SCHEMA_VERSION, "bench_rows": rows, "bench_columns": schema.names,
+        "classes": [str(i) for i in range(C)],
         "teacher": {"spec": "synthetic", "sha256": "0" * 64}, "input": {"size": 28, "channels": 1},
         "settings": {"embed_layer": "auto"}, "sources": {k: {"spec": "", "classes": None} for k in SOURCES},
         "scores": {k: {"definition": v.definition} for k, v in SCORES.items()}, "embedding": {"dim": D},
@@ -126,7 +150,8 @@ def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
         from curate.config import IndexConfig
         from curate.index import index
 
-        r = index(IndexConfig(pool, kind="ivf-pq", memory=memory, show_progress=False))
+        kind = "flat" if "flat" in name else "ivf-pq"
+        r = index(IndexConfig(pool, kind=kind, memory=memory, show_progress=False))
         detail = f"{r.factory}, recall@10 {r.recall_at_10:.3f}, {r.bytes / 2**20:.0f} MiB"
     elif name.startswith("near"):
         import faiss
@@ -174,7 +199,7 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), float(kib) / 1024
 
 
-def startup(pool: str, reps: int = 3) -> None:
+def startup(pool: str, doc: Path, reps: int = 3) -> None:
     """Start-up and query overhead against the peers, each command a fresh process, median of `reps`."""
     py, bin_ = sys.executable, Path(sys.executable).parent
     glob = f"read_parquet('{pool}/samples/*/*.parquet')"
@@ -244,7 +269,7 @@ def startup(pool: str, reps: int = 3) -> None:
         "plus the join that writes selection.parquet and selection.json. Bar: within 2x of DuckDB alone.\n\n"
         + table(["command", "seconds", "peak RSS MiB", "ratio to DuckDB alone"], rows)
     )
-    write_section("startup", body)
+    write_section("startup", body, doc)
 
 
 def main() -> None:
@@ -255,20 +280,26 @@ def main() -> None:
     ap.add_argument("--only", help="rerun only the operations whose name starts with this; keep the other rows")
     ap.add_argument("--pool", default=str(ROOT / "work" / "bench" / "query-pool"))
     ap.add_argument("--startup", action="store_true", help="start-up and query overhead on a 2M-row pool")
+    add_options(ap)
     args = ap.parse_args()
+    if args.smoke:  # a pool of 4,000 rows in a temporary folder, every operation in this process
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="kdcurate-bench-")
+        args.rows, args.pool, args.memory = 4000, str(Path(tmp.name) / "pool"), "64MB"
     if args.startup:
         pool = ROOT / "work" / "bench" / "query-pool-2m"
         make_pool(pool, 2_000_000)
-        startup(str(pool))
+        startup(str(pool), args.doc)
         return
     if args.op:
         print(json.dumps(op(args.op, args.pool, str(Path(args.pool).parent / "query-sel"), args.rows, args.memory)))
         return
-    make_pool(Path(args.pool), args.rows)
+    make_pool(Path(args.pool), args.rows, unit=UNIT if not args.smoke else 500)
     disk = sum(p.stat().st_size for p in Path(args.pool, "samples").rglob("*.parquet"))
     bars = {"group-by per source": 2.0, "top-per-class": 10.0}
     ops = ["group-by per source", "predicted-class histogram + rel_entropy", "top-per-class", "weighted draw 1M",
-           f"index (IVF-PQ build over {args.rows:,})", "near (1k refs, filtered)",
+           f"index ({'flat' if args.smoke else 'IVF-PQ'} build over {args.rows:,})", "near (1k refs, filtered)",
            "near (1k refs, filtered, nprobe 32)"]  # fmt: skip
     cache = Path(args.pool).parent / f"query-results-{args.rows}.json"
     done = json.loads(cache.read_text()) if cache.exists() and args.only else {}
@@ -279,12 +310,15 @@ def main() -> None:
             continue
         if name.startswith("near") and not (Path(args.pool) / "index" / "embeddings.faiss").exists():
             continue
-        cmd = [sys.executable, __file__, "--op", name, "--pool", args.pool, "--rows", str(args.rows)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-2000:])
-            raise SystemExit(f"{name} failed")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if args.smoke:
+            r = op(name, args.pool, str(Path(args.pool).parent / "query-sel"), args.rows, args.memory)
+        else:
+            cmd = [sys.executable, __file__, "--op", name, "--pool", args.pool, "--rows", str(args.rows)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr[-2000:])
+                raise SystemExit(f"{name} failed")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
         bar = bars.get(name)
         verdict = ("pass" if r["seconds"] < bar else "FAIL") + f" (< {bar:g} s)" if bar else ""
         rows.append([name, f"{r['seconds']:.2f}", f"{r['rss_mib']:,.0f}", r["detail"], verdict])
@@ -292,7 +326,7 @@ def main() -> None:
         cache.write_text(json.dumps(done))
         print(rows[-1], flush=True)
     body = (
-        f"## Query: {args.rows:,}-row pool (C={C}, D={D})\n\n"
+        f"## Query: {args.rows:,}-row pool (C={C}, D={D}){' ' + SMOKE if args.smoke else ''}\n\n"
         f"Machine: {machine()}.\n\n"
         f"`python benchmarks/query.py`: a synthetic pool in the real format ({len(SOURCES)} sources, "
         f"{disk / 2**30:.2f} GiB of zstd Parquet, {disk / args.rows:.0f} bytes/row). Each operation runs in its own "
@@ -304,7 +338,7 @@ def main() -> None:
         "nprobe 256, widened by 1/0.7 for the filter, or `--nprobe 32`).\n\n"
         + table(["operation", "seconds", "peak RSS MiB", "detail", "bar"], rows)
     )
-    write_section("query", body)
+    write_section("query", body, args.doc)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ Pairs (task sources are the positives; everything else in the pool is unrelated)
                 source, resolution and style) among Fashion-MNIST, glyphs, dead leaves, shaders, noise
   fashion-mlp   an MLP without BatchNorm on Fashion-MNIST; the demo's pool
   fashion-rare  cnn (wider, BatchNorm) on Fashion-MNIST; 1,000 Fashion-MNIST images among 30,000 others
+  crawl-lite0   EfficientNet-Lite0 (ImageNet, 1,000 classes) over a crawl-like pool: 400 JPEG photo crops among
+                150 rendered documents, 100 each of matplotlib charts, desktop icons (Debian's Adwaita theme),
+                abstract drawings, Fashion-MNIST, MNIST and the four synthetic sources; N = 150
+  crawl-lite2   EfficientNet-Lite2 (260 px) over the same pool
 
 Phase `scores`: AUROC of every pool score and of candidate combinations, precision of each strategy at the
 same N. Phase `students`: offline KD from the default selection, a uniform sample and the best selection,
@@ -21,6 +25,7 @@ under work/bench/relatedness/ (teachers, pools, selections, shards, one JSON per
     python benchmarks/relatedness.py --phase scores
     python benchmarks/relatedness.py --phase students [--seeds 2] [--pairs fashion,imagenet] [--long fashion]
     python benchmarks/relatedness.py --phase page
+    python benchmarks/relatedness.py --smoke --doc /tmp/x.md    # one tiny pair, seconds
 """
 
 from __future__ import annotations
@@ -39,16 +44,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import DOC, add_options, machine, table, write_section  # noqa: E402
+from benchmarks._report import SMOKE as SMOKE_NOTE  # noqa: E402
 from curate.config import ExportConfig, IndexConfig, ScoreConfig, SelectConfig  # noqa: E402
 from curate.export import export  # noqa: E402
 from curate.index import index  # noqa: E402
 from curate.query import connect  # noqa: E402
 from curate.score import score  # noqa: E402
 from curate.select import select  # noqa: E402
-from distill.config import FinetuneConfig, TrainConfig  # noqa: E402
-from distill.finetune import finetune  # noqa: E402
-from distill.train import train  # noqa: E402
 
 WORK = ROOT / "work" / "bench" / "relatedness"
 FASHION_POOL = [
@@ -67,7 +70,7 @@ FASHION_REFS = "r=builtin:fashion-mnist?split=train&start=49980&stop=50000"  # 2
 FASHION_FEW = "few=builtin:fashion-mnist?split=train&stop=2000"  # labelled images for few-label fine-tuning
 SYNTHETIC = ("glyphs", "leaves", "shaders", "noise")
 IMAGENET = ("python:pipelines.teachers:efficientnet_lite0?size=224&channels=3&mean=0.485,0.456,0.406"
-            "&std=0.229,0.224,0.225&classes=@pipelines/imagenet-classes.txt")  # fmt: skip
+            "&std=0.229,0.224,0.225&classes=imagenet")  # fmt: skip
 
 
 @dataclass
@@ -94,6 +97,9 @@ def trained(name: str, source: str, student: str, steps: int) -> Callable[[Path]
     """A teacher trained here on a labelled source (supervised `distill train`), cached."""
 
     def make(work: Path) -> str:
+        from distill.config import TrainConfig
+        from distill.train import train
+
         run = work / "teacher" / "run"
         if not (run / "student.pt").is_file():
             shards = work / "teacher" / "shards"
@@ -121,6 +127,150 @@ def photo_folder(work: Path) -> list[str]:
     return [f"photos=folder:{folder}"] + [f"{s}=synthetic:{k}?n=100&size=224" for s, k in
                                            (("noise", "noise"), ("leaves", "dead-leaves"), ("shaders", "shaders"),
                                             ("glyphs", "glyphs"))]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ crawl-like pools
+
+LITE = ("python:pipelines.teachers:efficientnet_lite{v}?size={s}&channels=3&mean=0.485,0.456,0.406"
+        "&std=0.229,0.224,0.225&classes=imagenet")  # fmt: skip
+FONTS = Path("/usr/share/fonts/truetype/dejavu")
+ICONS = Path("/usr/share/icons")
+WORDS = (  # noqa: SIM905 - a paragraph of words reads better than a list literal
+    "the of and to in is for on with as by from at this that be are or an it "
+    "not which have was data model image score pool class report table figure section results method "
+    "training test value sample "
+    "network layer teacher student selection quality budget invoice total amount date page chapter"
+).split()
+
+
+def _text_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A rendered page: heading, paragraphs or a table of words in DejaVu fonts, dark ink on light paper."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = sorted(FONTS.glob("DejaVu*.ttf"))
+    paper = tuple(int(v) for v in rng.integers(225, 256, 3))
+    img = Image.new("RGB", (size, size), paper)
+    draw = ImageDraw.Draw(img)
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+    y = int(rng.integers(4, 20))
+    head = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), int(rng.integers(16, 30)))
+    draw.text((8, y), " ".join(rng.choice(WORDS, 3)).title(), fill=ink, font=head)
+    y += head.size + 8
+    font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), int(rng.integers(9, 16)))
+    table = rng.random() < 0.3
+    while y < size - font.size:
+        if table:
+            line = "   ".join(f"{w[:6]:<6} {rng.integers(0, 9999):>5}" for w in rng.choice(WORDS, 3))
+        else:
+            line = " ".join(rng.choice(WORDS, int(rng.integers(4, 12))))
+        draw.text((8, y), line, fill=ink, font=font)
+        y += font.size + int(rng.integers(2, 8))
+    return np.asarray(img)
+
+
+def _chart(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A matplotlib chart: lines, bars, scatter, pie or histogram, with axes, labels and a title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(size / 80, size / 80), dpi=80)
+    kind = int(rng.integers(5))
+    x = np.arange(int(rng.integers(5, 30)))
+    if kind == 0:
+        for _ in range(int(rng.integers(1, 4))):
+            ax.plot(x, np.cumsum(rng.normal(size=len(x))), marker="o" if rng.random() < 0.5 else None)
+    elif kind == 1:
+        ax.bar(x[:10], rng.random(min(10, len(x))) * 10, color=plt.cm.tab10(int(rng.integers(10))))
+    elif kind == 2:
+        ax.scatter(rng.normal(size=80), rng.normal(size=80), s=8, c=rng.random(80), cmap="viridis")
+    elif kind == 3:
+        ax.pie(rng.random(int(rng.integers(3, 7))) + 0.2)
+    else:
+        ax.hist(rng.normal(size=300), bins=int(rng.integers(8, 30)))
+    ax.set_title(" ".join(rng.choice(WORDS, 3)), fontsize=8)
+    if kind != 3:
+        ax.grid(rng.random() < 0.5)
+        ax.set_xlabel(str(rng.choice(WORDS)), fontsize=7)
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return arr
+
+
+def _drawing(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Abstract / vector art: flat-coloured polygons, circles and thick strokes on a plain background."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 15))):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        kind = int(rng.integers(3))
+        corners = int(rng.integers(3, 7))
+        pts = [tuple(int(v) for v in rng.integers(-size // 4, size + size // 4, 2)) for _ in range(corners)]
+        if kind == 0:
+            draw.polygon(pts, fill=colour)
+        elif kind == 1:
+            (x, y), r = pts[0], int(rng.integers(5, size // 3))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=None)
+        else:
+            draw.line(pts, fill=colour, width=int(rng.integers(2, 14)), joint="curve")
+    return np.asarray(img)
+
+
+def _icon_paths() -> list[Path]:
+    return sorted(p for p in ICONS.glob("*/96x96/*/*.png"))
+
+
+def crawl_folder(work: Path, n_photos: int = 400, n_text: int = 150, n_other: int = 100) -> list[str]:
+    """A crawl-like pool, shared by the crawl pairs: JPEG crops of the sample photos (the task), rendered documents,
+    matplotlib charts, desktop icons (Debian's Adwaita theme, when installed), abstract drawings, Fashion-MNIST and
+    MNIST (upscaled by the teacher's view), and the four synthetic sources. Written once under work/../crawl-data."""
+    from PIL import Image
+
+    from curate.sources.builtin import photo_crop
+
+    root = work.parent / f"crawl-data-{n_photos}"
+    kinds: dict[str, tuple[int, Callable[[np.random.Generator], np.ndarray], str]] = {
+        "photos": (n_photos, lambda r: photo_crop(r, 320, "all"), "jpg"),
+        "text": (n_text, lambda r: _text_image(r, 256), "png"),
+        "charts": (n_other, lambda r: _chart(r, 240), "png"),
+        "drawings": (n_other, lambda r: _drawing(r, 256), "png"),
+    }
+    icons = _icon_paths()
+    for name, (n, make, ext) in kinds.items():
+        folder = root / name
+        if (folder / ".done").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = make(np.random.default_rng([23, len(name), i]))
+            Image.fromarray(arr).save(folder / f"{name}-{i:04d}.{ext}", **({"quality": 88} if ext == "jpg" else {}))
+        (folder / ".done").write_text("")
+    specs = [f"{name}=folder:{root / name}" for name in kinds]
+    if icons:
+        folder = root / "icons"
+        if not (folder / ".done").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            pick = np.random.default_rng(5).choice(len(icons), min(n_other, len(icons)), replace=False)
+            for j, i in enumerate(sorted(pick)):
+                im = Image.open(icons[i]).convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                Image.alpha_composite(bg, im).convert("RGB").save(folder / f"icon-{j:04d}.png")
+            (folder / ".done").write_text("")
+        specs.append(f"icons=folder:{folder}")
+    from curate.sources.builtin import FASHION_DIR
+
+    if FASHION_DIR.is_dir():
+        specs.append(f"fashion=builtin:fashion-mnist?split=test&start=9000&stop={9000 + n_other}")
+    specs.append(f"mnist=builtin:mnist?stop={n_other}")
+    size = 224
+    specs += [f"{s}=synthetic:{k}?n={n_other}&size={size}" for s, k in
+              (("noise", "noise"), ("leaves", "dead-leaves"), ("shaders", "shaders"),
+               ("glyphs", "glyphs"))]  # fmt: skip
+    return specs
 
 
 PAIRS = {
@@ -156,6 +306,15 @@ PAIRS = {
                         "shaders=synthetic:shaders?n=4700&size=28", "noise=synthetic:noise?n=4700&size=28"],
              ("fashion",), 500, FASHION_TEST, refs=FASHION_REFS,
              few=FASHION_FEW),
+        Pair("crawl-lite0", "EfficientNet-Lite0 (ImageNet, 1,000 classes); photo crops among documents, charts, "
+             "icons, drawings, Fashion-MNIST, MNIST and synthetic images; N far below the class count",
+             lambda w: LITE.format(v=0, s=224), crawl_folder, ("photos",), 150, None,
+             held="held=builtin:photos?set=all&n=100&size=256&seed=99",
+             refs="r=builtin:photos?set=all&n=20&size=256&seed=98", student="cnn-small", steps=150, batch=32),
+        Pair("crawl-lite2", "EfficientNet-Lite2 (ImageNet, 260 px); the crawl-like pool",
+             lambda w: LITE.format(v=2, s=260), crawl_folder, ("photos",), 150, None,
+             held="held=builtin:photos?set=all&n=100&size=256&seed=99",
+             refs="r=builtin:photos?set=all&n=20&size=256&seed=98", student="cnn-small", steps=150, batch=32),
     )
 }  # fmt: skip
 
@@ -168,7 +327,8 @@ def pool_of(pair: Pair) -> tuple[Path, str]:
     work.mkdir(parents=True, exist_ok=True)
     spec = pair.teacher(work)
     pool = work / "pool"
-    score(ScoreConfig(spec, pair.pool(work), str(pool), batch_size=64 if pair.name == "imagenet" else 256,
+    big = pair.name == "imagenet" or pair.name.startswith("crawl")
+    score(ScoreConfig(spec, pair.pool(work), str(pool), batch_size=64 if big else 256,
                       show_progress=False))  # fmt: skip
     if not (pool / "index" / "embeddings.faiss").is_file():
         index(IndexConfig(str(pool), show_progress=False))
@@ -230,6 +390,8 @@ def candidates(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mad = np.median(np.abs(layers - med), 0) + 1e-6
         out["bn_pool_z"] = -((layers - med) / mad).mean(1)
         out["bn_log"] = -np.log(layers + 1e-6).mean(1)
+    have = [rank(out[k]) for k in ("bn_score", "span_score", "energy") if k in out]
+    out["old auto = rank(bn_score, span_score, energy)"] = np.mean(np.vstack(have), 0)
     for a, b in (("bn_score", "energy"), ("bn_score", "max_logit"), ("bn_score", "span_score"),
                  ("energy", "span_score"), ("bn_score", "proj_score")):  # fmt: skip
         if a in out and b in out:
@@ -255,11 +417,13 @@ def top_per_class(pool: Path, n: int, score: str, where: str = "true") -> dict[s
 
 
 def default_selection(pool: Path, n: int, score: str) -> dict[str, Any]:
-    """The selection the docs and the demo recommend: top-per-class by the default score among the pool's upper
-    half by it (`--where "auto >= 0.5"`: auto is a percentile rank), K chosen to reach N. The N highest overall
-    are purer on some pools but leave whole classes out (on the fashion pair 6 of 5,000 were sneakers, and the
-    student fell below the uniform sample's); plain top-per-class lets a class the teacher predicts only for
-    unrelated images (every noise image is an ImageNet "kite") contribute its K."""
+    """The default recipe, `curate select POOL --n N`: strategy related by the default score."""
+    return {"strategy": "related", "n": n, "score": score}
+
+
+def old_recipe(pool: Path, n: int, score: str) -> dict[str, Any]:
+    """The recipe the docs recommended before: top-per-class by auto among the pool's upper half by it
+    (`--where "auto >= 0.5"`), K chosen to reach N."""
     where = f"{score} >= 0.5"
     return {**top_per_class(pool, n, score, where), "where": where}
 
@@ -283,13 +447,13 @@ def precision_rows(pair: Pair, pool: Path, sel_dir: Path, default_score: str) ->
         "balanced": {"strategy": "balanced", "n": pair.n},
         "diverse": {"strategy": "diverse", "n": pair.n, "score": "energy"},
     }
-    for s in ("confidence", "energy", "bn_score", "span_score", "proj_score", "auto"):
+    for s in ("confidence", "energy", "bn_score", "bn_z", "span_score", "proj_score", "auto"):
         configs[f"top-per-class by {s}"] = top_per_class(pool, pair.n, s)
         configs[f"top N by {s}"] = {"strategy": "threshold", "fraction": None, "score": s}
     configs["weighted, p ∝ softmax(energy)"] = {"strategy": "weighted", "n": pair.n, "score": "energy"}
     configs["default"] = default_selection(pool, pair.n, default_score)
     if pair.refs:
-        configs["near (20 references)"] = {"strategy": "near", "n": pair.n, "references": [pair.refs], "k": 5}
+        configs["near (refs)"] = {"strategy": "near", "n": pair.n, "references": [pair.refs], "k": 5}
         configs["default + references"] = {**configs["default"], "references": [pair.refs]}
     con = connect(str(pool))
     total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
@@ -306,6 +470,23 @@ def precision_rows(pair: Pair, pool: Path, sel_dir: Path, default_score: str) ->
         prec = con.execute(f"SELECT avg((source IN ({task}))::DOUBLE), count(*) FROM read_parquet("
                            f"'{sel_dir / 'tmp'}/selection.parquet')").fetchall()[0]  # fmt: skip
         out[name] = {"precision": round(prec[0], 4), "rows": prec[1]}
+        if name == "default":
+            info = json.loads((sel_dir / "tmp" / "selection.json").read_text()).get("related", {})
+            out[name]["related"] = info
+            if info.get("threshold") is not None:
+                shares = dict(con.execute(
+                    f"SELECT source, avg((({default_score})::DOUBLE >= {info['threshold']})::DOUBLE) FROM samples "
+                    "GROUP BY source").fetchall())  # fmt: skip
+                out[name]["candidate_share"] = {k: round(v, 4) for k, v in shares.items()}
+    # the old recipe (top-per-class among the upper half by the old auto), in numpy from the pool's columns
+    c = columns(pool)
+    have = [rank(c[k].astype(float)) for k in ("bn_score", "span_score", "energy")
+            if k in c and not np.isnan(c[k].astype(float)).all()]  # fmt: skip
+    old = recipe(np.mean(np.vstack(have), 0), c["pred"], pair.n)
+    out["old recipe (top-per-class, auto >= 0.5)"] = {
+        "precision": round(float(np.isin(c["source"][old], pair.task).mean()), 4),
+        "rows": int(len(old)),
+    }
     return out
 
 
@@ -357,7 +538,10 @@ def eval_shards(pair: Pair) -> Path:
 
 def student(pair: Pair, row: str, shards: Path, seed: int, **kw: Any) -> dict[str, Any]:
     """Train one student (cached as JSON); accuracy on the labelled eval set, agreement with the teacher."""
+    from distill.config import FinetuneConfig, TrainConfig
     from distill.evaluate import compare
+    from distill.finetune import finetune
+    from distill.train import train
 
     work = WORK / pair.name
     cache = work / "results" / f"{row}-seed{seed}.json"
@@ -458,14 +642,26 @@ def recipe(score: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([v[:k] for v in per])
 
 
-CANDIDATES = {  # candidate default scores: the percentile ranks they average (a missing score is left out)
-    "auto = rank(bn_score, span_score, energy)": ("bn_score", "span_score", "energy"),
-    "rank(bn_score, span_score)": ("bn_score", "span_score"),
-    "span_score": ("span_score",),
-    "bn_score": ("bn_score",),
-    "energy": ("energy",),
-    "confidence": ("confidence",),
+CANDIDATES = {  # candidate default scores: (part, weight) of the percentile ranks they average (missing: left out)
+    "auto = rank(3 bn_z, span_score, energy)": (("bn_z", 3), ("span_score", 1), ("energy", 1)),
+    "old auto = rank(bn_score, span_score, energy)": (("bn_score", 1), ("span_score", 1), ("energy", 1)),
+    "rank(bn_z, span_score, energy)": (("bn_z", 1), ("span_score", 1), ("energy", 1)),
+    "rank(3 bn_z, span_score)": (("bn_z", 3), ("span_score", 1)),
+    "bn_z": (("bn_z", 1),),
+    "bn_score": (("bn_score", 1),),
+    "span_score": (("span_score", 1),),
+    "energy": (("energy", 1),),
 }
+
+
+def related_recipe(score: np.ndarray, pred: np.ndarray, uid: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """Row indices of the default recipe (strategy related) by one score, and its threshold."""
+    from curate.scores import related_split
+    from curate.strategies import related_order
+
+    split = related_split(score)
+    t = split.threshold if split else -np.inf
+    return related_order(pred.astype(np.int64), score, uid, t, n), t
 
 
 def default_candidates(pairs: list[str], scores: dict[str, Any]) -> list[list[str]]:
@@ -478,15 +674,16 @@ def default_candidates(pairs: list[str], scores: dict[str, Any]) -> list[list[st
         cells, worst_auc, worst_share = [], 1.0, 1.0
         for p in pairs:
             c = cols[p]
-            have = [rank(c[k].astype(float)) for k in parts if k in c and not np.isnan(c[k].astype(float)).all()]
+            have = [(rank(c[k].astype(float)), w) for k, w in parts
+                    if k in c and not np.isnan(c[k].astype(float)).all()]  # fmt: skip
             if not have:
                 cells.append("-")
                 worst_auc = worst_share = float("nan")
                 continue
-            fused = np.mean(np.vstack(have), 0)
+            fused = sum(r * w for r, w in have) / sum(w for _, w in have)
             pos = np.isin(c["source"], PAIRS[p].task)
             auc = auroc(fused, pos) or 0.0
-            prec = float(pos[recipe(fused, c["pred"], PAIRS[p].n)].mean())
+            prec = float(pos[related_recipe(fused, c["pred"], c["uid"], PAIRS[p].n)[0]].mean())
             best = max(v["precision"] for v in scores[p]["precision"].values())
             share = prec / best if best else 0.0
             worst_auc, worst_share = min(worst_auc, auc), min(worst_share, share)
@@ -537,7 +734,8 @@ def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str) -> None:
+def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str, doc: Path = DOC,
+          note: str = "") -> None:  # fmt: skip
     names = list(scores)
     keys = sorted({k for r in scores.values() for k in r["auroc"]})
     worst = {k: min((scores[p]["auroc"].get(k) for p in names if scores[p]["auroc"].get(k) is not None),
@@ -548,8 +746,9 @@ def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str)
                   for k in order]  # fmt: skip
     body = [
         "## Relatedness across teachers and pools",
-        f"`python benchmarks/relatedness.py` on {machine()}.",
-        "Five teacher/pool pairs (module doc of `benchmarks/relatedness.py`). AUROC of every score for telling the "
+        f"`python benchmarks/relatedness.py` on {machine()}. {note}",
+        f"{len(names)} teacher/pool pairs (module doc of `benchmarks/relatedness.py`). AUROC of every score for "
+        "telling the "
         "task's source(s) from everything else in the pool (positive = task; every score oriented so that higher "
         "= more related); the worst case over the pairs where the score exists decides.",
         table(["score"] + names + ["worst", "pairs"], auroc_rows),
@@ -559,12 +758,29 @@ def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str)
     prec_rows = [[s] + [fmt((scores[p]["precision"].get(s) or {}).get("precision")) for p in names] for s in strategies]
     body += ["Precision (share of the selection from the task's sources) of each strategy at the same N "
              f"({', '.join(f'{p} {PAIRS[p].n:,}' for p in names)}; top-per-class: the smallest K per class that "
-             f"reaches N); `default` is top-per-class by the shipped default score, `{default}`, among the pool's "
-             f"upper half by it (`--where \"{default} >= 0.5\"`).",
+             f"reaches N); `default` is `curate select POOL --n N` (strategy related by `{default}`); the old recipe "
+             "is top-per-class among the upper half by the old auto (`--where \"auto >= 0.5\"`).",
              table(["strategy"] + names, prec_rows)]  # fmt: skip
+    bars = []
+    for p in names:
+        prec = scores[p]["precision"]
+        d = prec.get("default") or {}
+        best_name = max(prec, key=lambda k: prec[k]["precision"])
+        share = d.get("candidate_share") or {}
+        synth = max((share.get(s, 0.0) for s in SYNTHETIC if s in share), default=None)
+        bars.append([p, fmt(d.get("precision")), f"{best_name} {prec[best_name]['precision']:.3f}",
+                     fmt(d["precision"] / prec[best_name]["precision"]) if d and prec[best_name]["precision"] else "-",
+                     fmt(scores[p]["auroc"].get(default)), fmt(synth),
+                     (d.get("related") or {}).get("looks_related", "-")])  # fmt: skip
+    body += ["The bars per pair: the default selection's precision against the best row above, the default score's "
+             "AUROC, and the largest share of a synthetic source (noise, dead leaves, shaders, glyphs) in the default "
+             "selection's candidate set (the related side of the two-component split).",
+             table(["pair", "default precision", "best (precision)", "default / best", f"AUROC of {default}",
+                    "max synthetic share in candidates", "candidates"], bars)]  # fmt: skip
     body += [
-        "Candidates for the default score, each through the default recipe (top-per-class within the pool's "
-        "upper half by it, K chosen to reach N). Cell: AUROC / the recipe's precision (its share of the best "
+        "Candidates for the default score, each through the default recipe (strategy related: the related side "
+        "of its two-component split, each class held to its share). Cell: AUROC / the recipe's precision (its "
+        "share of the best "
         "strategy's precision above). A candidate missing a score on a pair (no BatchNorm) averages the rest; "
         "one with nothing left is `-` there and has no worst case.",
         table(["candidate"] + names + ["worst AUROC", "worst share"], default_candidates(names, scores)),
@@ -593,7 +809,25 @@ def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str)
                  "where the images are labelled, and the share on which the teacher keeps its plain-view class.",
                  table(["pair", "accuracy, plain", "crop 2", "crop 2 + flip", "class kept, crop 2",
                         "class kept, crop 2 + flip"], vrows)]  # fmt: skip
-    write_section("relatedness", "\n\n".join(body))
+    write_section("relatedness", "\n\n".join(body), doc)
+
+
+SMOKE = Pair("smoke", "an untrained ResNet-18 (BatchNorm) at 16 px; 60 digits among noise and glyphs",
+             lambda w: "torchvision:resnet18?num_classes=10&small_input=true&size=16&weights=random",
+             lambda w: ["digits=builtin:digits?stop=60", "noise=synthetic:noise?n=30&size=16",
+                        "glyphs=synthetic:glyphs?n=30&size=16"], ("digits",), 20, None)  # fmt: skip
+
+
+def smoke(doc: Path) -> None:
+    """The scores phase on one tiny pair, in a temporary work directory; its page into `doc`."""
+    import tempfile
+
+    global WORK
+    PAIRS["smoke"] = SMOKE
+    default = SelectConfig.__dataclass_fields__["score"].default
+    with tempfile.TemporaryDirectory(prefix="relatedness-smoke-") as tmp:
+        WORK = Path(tmp)
+        write(phase_scores([SMOKE], default), None, default, doc, note=SMOKE_NOTE)
 
 
 def main() -> None:
@@ -602,12 +836,16 @@ def main() -> None:
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--long", default="", help="pairs that also train for 3x the steps (offline and online)")
+    add_options(ap)
     args = ap.parse_args()
+    if args.smoke:
+        smoke(args.doc)
+        return
     pairs = [PAIRS[p] for p in args.pairs.split(",")]
     default = SelectConfig.__dataclass_fields__["score"].default  # the shipped default of `curate select --score`
     if args.phase == "scores":
         phase_scores(pairs, default)
-    done = [p for p in PAIRS.values() if (WORK / p.name / "scores.json").is_file()]
+    done = [p for p in PAIRS.values() if (WORK / p.name / "scores.json").is_file() and p.name in args.pairs.split(",")]
     scores = {p.name: json.loads((WORK / p.name / "scores.json").read_text()) for p in done}
     students = None
     if args.phase == "students":
@@ -615,7 +853,7 @@ def main() -> None:
     if any((WORK / p.name / "students.json").is_file() for p in done):
         students = {p.name: json.loads((WORK / p.name / "students.json").read_text()) for p in done
                     if (WORK / p.name / "students.json").is_file()}  # fmt: skip
-    write(scores, students, default)
+    write(scores, students, default, args.doc)
 
 
 if __name__ == "__main__":

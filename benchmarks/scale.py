@@ -10,6 +10,7 @@
 4. `--compact`: DuckDB over a pool of many small unit parts, before and after `curate compact`.
 
     python benchmarks/scale.py [--sizes 10000000,50000000] [--engine-rows 60000] [--costs | --compact]
+    python benchmarks/scale.py --smoke [--doc PATH]   (growth, compaction and costs at a tiny size; no engines)
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
-from benchmarks.query import make_pool  # noqa: E402
+from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
+from benchmarks.query import make_pool, op  # noqa: E402
 
 WORK = ROOT / "work" / "bench" / "scale"
 # one budget for every size, so each build gets the same factory (IVF4096,PQ32x8) and the times compare
@@ -38,17 +39,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def engines(rows: int) -> tuple[list[list], str]:
+def engines(rows: int, work: Path = WORK, kinds: tuple[str, ...] = ("local", "ray")) -> tuple[list[list], str]:
     import numpy as np
     import pyarrow.dataset as ds
-    from curate.generated import FASHION_DIR
 
+    from curate.sources.builtin import FASHION_DIR
     from distill import models
 
-    WORK.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     spec = models.InputSpec(28, 1, (0.286,), (0.353,))
     model, factory, kwargs = models.build("cnn-small", 10, spec)
-    teacher = WORK / "teacher.pt"
+    teacher = work / "teacher.pt"
     models.save_checkpoint(teacher, model.eval(), factory, kwargs, [str(i) for i in range(10)], spec)
     half = rows // 2
     first = (
@@ -58,8 +59,8 @@ def engines(rows: int) -> tuple[list[list], str]:
     )
     sources = [first, f"shaders=synthetic:shaders?n={half}&size=28&unit=2000"]
     out: dict[str, dict] = {}
-    for engine in ("local", "ray"):
-        pool = WORK / f"pool-{engine}"
+    for engine in kinds:
+        pool = work / f"pool-{engine}"
         shutil.rmtree(pool, ignore_errors=True)
         cmd = [sys.executable, "-m", "curate", "score", "--teacher", str(teacher), "--pool", str(pool),
                "--batch-size", "256", "--no-progress", "--engine", engine]  # fmt: skip
@@ -79,7 +80,7 @@ def engines(rows: int) -> tuple[list[list], str]:
         t = ds.dataset(files, format="parquet").to_table(columns=["uid", "key", "logits"])
         t = t.sort_by("uid")
         out[engine] = {"wall": wall, "table": t}
-    a, b = out["local"]["table"], out["ray"]["table"]
+    a, b = out["local"]["table"], out[kinds[-1]]["table"]
     same = a.column("uid").equals(b.column("uid")) and a.column("key").equals(b.column("key"))
     la = np.stack(a.column("logits").to_numpy(zero_copy_only=False))
     lb = np.stack(b.column("logits").to_numpy(zero_copy_only=False))
@@ -87,7 +88,7 @@ def engines(rows: int) -> tuple[list[list], str]:
     n = a.num_rows
     local_wall = out["local"]["wall"]
     result = []
-    for engine in ("local", "ray"):
+    for engine in kinds:
         wall = out[engine]["wall"]
         result.append([engine, f"{n:,}", f"{wall:.1f}", f"{n / wall:,.0f}", f"{local_wall / wall:.2f}x"])
     note = (
@@ -98,25 +99,30 @@ def engines(rows: int) -> tuple[list[list], str]:
     return result, note
 
 
-def growth(sizes: list[int]) -> list[list]:
+def growth(sizes: list[int], work: Path | None = None) -> list[list]:
+    """Each operation in its own process; with `work` (a smoke run) the pools go there, operations run in this
+    process and the index is flat."""
     rows = []
     base: dict[str, float] = {}
     for n in sizes:
-        pool = ROOT / "work" / "bench" / ("query-pool" if n == 10_000_000 else f"scale-pool-{n}")
+        pool = (work or ROOT / "work" / "bench") / ("query-pool" if n == 10_000_000 else f"scale-pool-{n}")
         log(f"pool of {n:,} rows")
-        make_pool(pool, n)
+        make_pool(pool, n, unit=250_000 if work is None else 500)
         disk = sum(p.stat().st_size for p in (pool / "samples").rglob("*.parquet"))
         for name in OPS:
-            op = f"index (IVF-PQ build over {n:,})" if name == "index" else name
+            what = f"index ({'flat' if work else 'IVF-PQ'} build over {n:,})" if name == "index" else name
             if name.startswith("near") and not (pool / "index" / "embeddings.faiss").exists():
                 continue
-            log(f"{n:,}: {op}")
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "query.py"), "--op", op, "--pool", str(pool),
-                   "--rows", str(n), "--memory", INDEX_MEMORY]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise SystemExit(f"{op} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            log(f"{n:,}: {what}")
+            if work is not None:
+                r = op(what, str(pool), str(work / "sel"), n, INDEX_MEMORY)
+            else:
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "query.py"), "--op", what, "--pool", str(pool),
+                       "--rows", str(n), "--memory", INDEX_MEMORY]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode:
+                    raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
             growth_note = ""
             if n == sizes[0]:
                 base[name] = r["seconds"]
@@ -128,7 +134,7 @@ def growth(sizes: list[int]) -> list[list]:
     return rows
 
 
-def unit_costs() -> list[list]:
+def unit_costs(n: int = 400, batch: int = 32) -> list[list]:
     """Per-image costs at ImageNet size, the basis of docs/scaling.md's estimates: JPEG decode + resize
     on one core (the photos scikit-learn ships, 640×427, re-encoded at quality 90) and ResNet-50 forward
     at 224 on this machine's cores (channels_last, float32)."""
@@ -137,11 +143,11 @@ def unit_costs() -> list[list]:
     import numpy as np
     import torch
     import torchvision
-    from curate.decode import pixels_from_bytes
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     from distill.models import InputSpec
+    from kdcore.view import to_pixels
 
     blobs = []
     for a in load_sample_images().images:
@@ -150,18 +156,17 @@ def unit_costs() -> list[list]:
         blobs.append(buf.getvalue())
     spec = InputSpec(224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     t0 = time.perf_counter()
-    n = 400
     for i in range(n):
-        pixels_from_bytes(blobs[i % 2], spec, 64_000_000)
+        to_pixels(blobs[i % 2], spec, 64_000_000)
     decode = n / (time.perf_counter() - t0)
     model = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
-    x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         model(x)
         t0 = time.perf_counter()
         for _ in range(3):
             model(x)
-    forward = 96 / (time.perf_counter() - t0)
+    forward = 3 * batch / (time.perf_counter() - t0)
     flops = 2 * 4.09e9  # ResNet-50 at 224: 4.09 GMAC per image
     kib = np.mean([len(b) for b in blobs]) / 1024
     threads = torch.get_num_threads()
@@ -209,6 +214,8 @@ def row_bytes(rows: int = 20_000) -> list[list]:
                 else:
                     v = (rng.normal(size=(rows, w)) * 3).astype(np.float32)
                 cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), w)
+            elif pa.types.is_string(t):  # meta: source metadata, absent for most sources
+                cols[f.name] = pa.nulls(rows, t)
             elif pa.types.is_floating(t):
                 cols[f.name] = pa.array(rng.normal(size=rows).astype(np.float32))
             else:
@@ -221,10 +228,10 @@ def row_bytes(rows: int = 20_000) -> list[list]:
     return out
 
 
-def compaction(rows: int, unit: int) -> list[list]:
+def compaction(rows: int, unit: int, work: Path | None = None) -> list[list]:
     """The same DuckDB queries over a pool of many small unit parts, before and after `curate compact`,
-    each in a fresh process (the connection opens the files it lists)."""
-    pool = ROOT / "work" / "bench" / "compact-pool"
+    each in a fresh process (the connection opens the files it lists; in this one with `work`, a smoke run)."""
+    pool = (work or ROOT / "work" / "bench") / "compact-pool"
     log(f"pool of {rows:,} rows in units of {unit}")
     make_pool(pool, rows, unit=unit)
     queries = {
@@ -240,18 +247,25 @@ def compaction(rows: int, unit: int) -> list[list]:
     )
 
     def timed(sql: str) -> float:
+        if work is not None:
+            from curate.query import connect
+
+            t0 = time.perf_counter()
+            connect(str(pool)).execute(sql).fetchall()
+            return time.perf_counter() - t0
         out = subprocess.run([sys.executable, "-c", code, str(pool), sql], capture_output=True, text=True,
                              cwd=ROOT, check=True)  # fmt: skip
         line = next(x for x in reversed(out.stdout.splitlines()) if x.startswith("timing "))
         return sum(json.loads(line.removeprefix("timing ")))
 
     from curate.compact import compact
+    from curate.config import CompactConfig
     from curate.pool import Pool
 
     before = {name: timed(q) for name, q in queries.items()}
     files_before = len(Pool(pool).sample_files())
     log(f"{files_before:,} files; compacting")
-    res = compact(str(pool), show_progress=False)
+    res = compact(CompactConfig(str(pool), show_progress=False))
     after = {name: timed(q) for name, q in queries.items()}
     rows_out = [["curate compact", f"{files_before:,} -> {res.files_after:,} files", f"{res.seconds:.1f}", "", ""]]
     for name in queries:
@@ -268,12 +282,35 @@ def main() -> None:
     ap.add_argument("--compact", action="store_true", help="only the many-small-units table (section scale-compact)")
     ap.add_argument("--compact-rows", type=int, default=2_000_000)
     ap.add_argument("--compact-unit", type=int, default=40)
+    add_options(ap)
     args = ap.parse_args()
+    if args.smoke:  # growth, compaction and costs at a tiny size in a temporary folder
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="kdcurate-bench-")
+        work = Path(tmp.name)
+        args.compact_rows, args.compact_unit = 800, 40
+        write_section("scale-compact", compact_section(args, work), args.doc)
+        write_section("scale-costs", costs_section(smoke=True), args.doc)
+        note = "Engines: not run in a smoke run (each is a fresh `curate score` process; Ray's start alone is long)."
+        write_section("scale", scale_section(args, [], note, growth([2000, 4000], work)), args.doc)
+        return
     if args.compact:
-        units = args.compact_rows // args.compact_unit
-        measured = compaction(args.compact_rows, args.compact_unit)
-        body = "\n".join([
-            "## Scale: DuckDB over many small units, before and after `curate compact`",
+        write_section("scale-compact", compact_section(args), args.doc)
+        return
+    if args.costs:
+        write_section("scale-costs", costs_section(), args.doc)
+        return
+    eng, note = engines(args.engine_rows)
+    grow = None if args.skip_growth else growth([int(s) for s in args.sizes.split(",")])
+    write_section("scale", scale_section(args, eng, note, grow), args.doc)
+
+
+def compact_section(args: argparse.Namespace, work: Path | None = None) -> str:
+    units = args.compact_rows // args.compact_unit
+    measured = compaction(args.compact_rows, args.compact_unit, work)
+    return "\n".join([
+            f"## Scale: DuckDB over many small units, before and after `curate compact`{' ' + SMOKE if work else ''}",
             "",
             f"`python benchmarks/scale.py --compact` on {machine()}: a pool of {args.compact_rows:,} rows in "
             f"~{units:,} units of {args.compact_unit} rows (benchmarks/query.py's generator), each query in a fresh "
@@ -281,27 +318,28 @@ def main() -> None:
             "",
             table(["step", "files", "before s", "after s", "speed-up"], measured),
         ])  # fmt: skip
-        write_section("scale-compact", body)
-        return
-    if args.costs:
-        body = "\n".join([
-            "## Scale: per-image costs at ImageNet size",
+
+
+def costs_section(smoke: bool = False) -> str:
+    return "\n".join([
+            f"## Scale: per-image costs at ImageNet size{' ' + SMOKE if smoke else ''}",
             "",
             f"`python benchmarks/scale.py --costs` on {machine()}. The basis of the estimates in docs/scaling.md.",
             "",
-            table(["work", "images/s", "detail"], unit_costs()),
+            table(["work", "images/s", "detail"], unit_costs(8, 2) if smoke else unit_costs()),
             "",
             "Pool bytes per sample for larger teachers: zstd Parquet in the pool's schema (`curate.pool."
             "sample_schema`), 20,000 rows of teacher-like values; float columns barely compress, so size follows "
             "C (classes), D (embedding) and `--logits`.",
             "",
-            table(["C", "D", "--logits", "bytes/sample", "TB per 100M", "TB per 1B"], row_bytes()),
+            table(["C", "D", "--logits", "bytes/sample", "TB per 100M", "TB per 1B"],
+                  row_bytes(200 if smoke else 20_000)),
         ])  # fmt: skip
-        write_section("scale-costs", body)
-        return
-    eng, note = engines(args.engine_rows)
+
+
+def scale_section(args: argparse.Namespace, eng: list[list], note: str, grow: list[list] | None) -> str:
     body = [
-        "## Scale: the Ray engine, and the query stage at 10M and 50M rows",
+        f"## Scale: the Ray engine, and the query stage at 10M and 50M rows{' ' + SMOKE if args.smoke else ''}",
         "",
         f"`python benchmarks/scale.py` on {machine()}.",
         "",
@@ -311,9 +349,7 @@ def main() -> None:
         "",
         table(["engine", "rows", "wall s", "rows/s", "speed vs local"], eng),
     ]
-    if not args.skip_growth:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        grow = growth(sizes)
+    if grow is not None:
         body += [
             "",
             "Growth: synthetic pools in the real format (benchmarks/query.py's generator: 4 sources, C=10, D=64, "
@@ -323,7 +359,7 @@ def main() -> None:
             "",
             table(["rows", "Parquet GiB", "operation", "seconds", "peak RSS MiB", "detail", "growth"], grow),
         ]
-    write_section("scale", "\n".join(body))
+    return "\n".join(body)
 
 
 if __name__ == "__main__":

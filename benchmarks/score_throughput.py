@@ -10,7 +10,7 @@
 plus where the time goes (cProfile), the pool's bytes per sample, and peak memory at 1× and 10× the
 sample count (units stream, so it must stay flat). Writes its tables into docs/benchmarks.md.
 
-    python benchmarks/score_throughput.py [--quick]
+    python benchmarks/score_throughput.py [--quick | --smoke] [--doc PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
 from curate.config import ScoreConfig  # noqa: E402
 from curate.score import score  # noqa: E402
 from curate.sources.synthetic import dead_leaves, glyphs  # noqa: E402
@@ -103,7 +103,7 @@ def profile_shares(teacher: Path, source: str, pool: Path) -> dict[str, float]:
 
 
 IMAGENET = ("python:pipelines.teachers:efficientnet_lite0?size=224&channels=3&mean=0.485,0.456,0.406"
-            "&std=0.229,0.224,0.225&classes=@pipelines/imagenet-classes.txt")  # fmt: skip
+            "&std=0.229,0.224,0.225&classes=imagenet")  # fmt: skip
 
 
 def hooked_forward(teacher: str, pixels: np.ndarray, spec: InputSpec, batch: int) -> tuple[float, float]:
@@ -172,10 +172,19 @@ print(base, hwm())
 """
 
 
-def peak_rss_mib(teacher: Path, source: str, pool: Path) -> tuple[float, float]:
-    """(peak RSS after imports, peak RSS after scoring) of a fresh process, MiB."""
+def peak_rss_mib(teacher: Path, source: str, pool: Path, fresh: bool = True) -> tuple[float, float]:
+    """(peak RSS after imports, peak RSS after scoring) of a fresh process, MiB (in this one unless `fresh`)."""
     code = PEAK_SCRIPT.format(root=str(ROOT), teacher=str(teacher), source=source, pool=str(pool))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    if not fresh:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            exec(code, {"__name__": "peak"})  # noqa: S102 - our own script, as the fresh process would run it
+        out = buf.getvalue()
+    else:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     base, peak = out.split()[-2:]
     return int(base) / 1024, int(peak) / 1024
 
@@ -187,10 +196,11 @@ def dir_bytes(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer samples (a smoke run; numbers are noisier)")
+    add_options(ap)
     args = ap.parse_args()
-    scale = 0.2 if args.quick else 1.0
+    scale = 0.002 if args.smoke else (0.2 if args.quick else 1.0)
     cases = [("small CNN (cnn, w=32)", "cnn", 28, 1, int(20000 * scale)),
-             ("resnet18 (CIFAR stem)", "resnet18", 32, 3, int(1536 * scale))]  # fmt: skip
+             ("resnet18 (CIFAR stem)", "resnet18", 32, 3, int(1536 * scale))][: 1 if args.smoke else 2]  # fmt: skip
     rows_a, rows_b, profiles, sizes = [], [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -223,18 +233,19 @@ def main() -> None:
             profiles[label] = profile_shares(teacher, f"x=folder:{folder}", tmp / f"pool-prof-{name}")
             print(label, rows_a[-1], rows_b[-1], flush=True)
 
-        rows_c = real_teacher(tmp, int(320 * scale))
+        rows_c = [] if args.smoke else real_teacher(tmp, int(320 * scale))
         print(rows_c, flush=True)
 
         # memory at 1× and 10× the sample count
         teacher = tmp / "cnn.pt"
         n1 = int(5000 * scale)
-        mem = [peak_rss_mib(teacher, f"s=synthetic:glyphs?n={n}&size=28", tmp / f"pool-mem-{n}") for n in (n1, 10 * n1)]
+        mem = [peak_rss_mib(teacher, f"s=synthetic:glyphs?n={n}&size=28", tmp / f"pool-mem-{n}", not args.smoke)
+               for n in (n1, 10 * n1)]  # fmt: skip
 
     parts = list(next(iter(profiles.values())))
     body = "\n\n".join(
         [
-            "## Score throughput (`benchmarks/score_throughput.py`)",
+            f"## Score throughput (`benchmarks/score_throughput.py`){' ' + SMOKE if args.smoke else ''}",
             f"Machine: {machine()}. Batch size {BATCH}; teachers untrained (throughput does not depend on the "
             "weights); decode workers picked by `--workers -1` (0 for npy on CPU, 1 for PNGs on 2 cores).",
             "(a) Source that needs no decoding (npy, uint8): end-to-end `curate score` vs bare teacher forward on the "
@@ -262,7 +273,7 @@ def main() -> None:
                 rows_c,
             )
             if rows_c
-            else "(skipped: no `imagenet` extra)",
+            else f"(skipped: {'a smoke run' if args.smoke else 'no `imagenet` extra'})",
             "Where the time goes (cProfile of an in-process run over the PNG folder, decoding in-process):",
             table(["part", *profiles], [[p, *[f"{profiles[k][p]:.0%}" for k in profiles]] for p in parts]),
             table(["teacher", "pool bytes / sample (zstd Parquet, full logits + embedding)"], sizes),
@@ -279,7 +290,7 @@ def main() -> None:
             "memory stays flat in the pool size.",
         ]
     )
-    write_section("score_throughput", body)
+    write_section("score_throughput", body, args.doc)
     print(body)
     print(json.dumps({"peak_mib": mem}))
 

@@ -1,16 +1,18 @@
 """`curate`: the typer layer over the stage functions. Each command's options are its config's fields
 (curate/config.py); the command builds the config and calls one plain function of the same name. Results go
-to stdout, progress bars and warnings to stderr."""
+to stdout, progress bars and warnings to stderr; with --json stdout holds one JSON object, the command's result
+(kdcore.output)."""
 
 from __future__ import annotations
 
-import sys
+from typing import Any
 
 import typer
 
 from curate import config
 from kdcore.errors import run_app
 from kdcore.options import command
+from kdcore.output import console, jsonable, table
 
 app = typer.Typer(
     help="Score unlabeled image collections with a teacher, query the pool, export distillation shards.",
@@ -21,47 +23,44 @@ app = typer.Typer(
 )
 
 
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-def _table(title: str | None, columns: list[str]):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    return table
-
-
-def _score(cfg: config.ScoreConfig) -> None:
+def _score(cfg: config.ScoreConfig) -> dict[str, Any]:
     from curate.score import score
 
     res = score(cfg)
-    table = _table(f"pool {res.pool} (engine {cfg.engine})",
-                   ["source", "units", "skipped", "rescored", "removed", "rows", "errors", "samples/s"])  # fmt: skip
+    data: dict[str, Any] = {"pool": res.pool, "engine": cfg.engine, "rows": res.rows,
+                            "errors": sum(st.errors for st in res.per_source.values()), "error_rate": res.error_rate,
+                            "seconds": res.seconds, "batch_size": res.batch_size, "batch_note": res.batch_note,
+                            "per_source": {}, "notes": [], "warnings": []}  # fmt: skip
     for name, st in res.per_source.items():
-        rate = f"{(st.rows + st.errors) / st.seconds:,.0f}" if st.seconds else "-"
-        table.add_row(name, str(st.units), str(st.units_skipped), str(st.units_changed), str(st.units_removed),
-                      f"{st.rows:,}", f"{st.errors:,}", rate)  # fmt: skip
-    out = _console()
-    out.print(table)
-    out.print(f"{res.rows:,} rows scored in {res.seconds:.1f} s; pool error rate {res.error_rate:.2%}")
-    for name, st in res.per_source.items():
+        data["per_source"][name] = {**jsonable(st), "samples_per_second": (st.rows + st.errors) / st.seconds
+                                    if st.seconds else None}  # fmt: skip
         if st.skipped:
-            print(f"note: source {name}: {len(st.skipped)} entries skipped, not regular files (e.g. a dangling link: "
-                  f"{st.skipped[0]})", file=sys.stderr)  # fmt: skip
+            data["notes"].append(f"source {name}: {len(st.skipped)} entries skipped, not regular files (e.g. a "
+                                 f"dangling link: {st.skipped[0]})")  # fmt: skip
+    data["failed_units"] = [{"source": s, "unit": u, "reason": r} for s, u, r in res.failed_units]
     if res.failed_units:
         src, unit, reason = res.failed_units[0]
-        print(f"warning: {len(res.failed_units)} unit(s) failed {cfg.retries + 1} tries and were not scored (first: "
-              f"{src}/{unit}: {reason}); see {res.pool}/errors/, rerun to try them again", file=sys.stderr)  # fmt: skip
+        data["warnings"].append(f"{len(res.failed_units)} unit(s) failed {cfg.retries + 1} tries and were not "
+                                f"scored (first: {src}/{unit}: {reason}); see {res.pool}/errors/, rerun to try them "
+                                "again")  # fmt: skip
     if res.error_rate_exceeded:
-        print(f"error: error rate {res.error_rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%}; see "
-              f"{res.pool}/errors/ ('curate sql {res.pool} \"SELECT reason, count(*) FROM errors GROUP BY 1\"')",
-              file=sys.stderr)  # fmt: skip
-        raise typer.Exit(1)
+        data["error"] = (f"error rate {res.error_rate:.2%} exceeds --max-error-rate {cfg.max_error_rate:.2%}; see "
+                         f"{res.pool}/errors/ ('curate sql {res.pool} \"SELECT reason, count(*) FROM errors GROUP BY "
+                         "1\"')")  # fmt: skip
+    return data
+
+
+def _show_score(data: dict[str, Any]) -> None:
+    t = table(["source", "units", "skipped", "rescored", "removed", "rows", "errors", "samples/s"],
+              f"pool {data['pool']} (engine {data['engine']})")  # fmt: skip
+    for name, st in data["per_source"].items():
+        rate = f"{st['samples_per_second']:,.0f}" if st["samples_per_second"] is not None else "-"
+        t.add_row(name, str(st["units"]), str(st["units_skipped"]), str(st["units_changed"]), str(st["units_removed"]),
+                  f"{st['rows']:,}", f"{st['errors']:,}", rate)  # fmt: skip
+    out = console()
+    out.print(t)
+    out.print(f"{data['rows']:,} rows scored in {data['seconds']:.1f} s; pool error rate {data['error_rate']:.2%}")
+    out.print(f"batch size {data['batch_size']:,} ({data['batch_note']})")
 
 
 command(
@@ -84,15 +83,19 @@ Examples:
   curate score --teacher 'torchvision:resnet18?weights=r18.pt&classes=@classes.txt' --pool s3://bkt/pool \\
     --source 'crawl=wds:s3://bkt/crawl/{00000..00099}.tar' --logits topk:20
 """,
+    show=_show_score,
 )
 
 
-def _compact(cfg: config.CompactConfig) -> None:
+def _compact(cfg: config.CompactConfig) -> dict[str, Any]:
     from curate.compact import compact
 
-    res = compact(cfg)
-    _console().print(f"{res.units_merged:,} units ({res.rows_merged:,} rows) merged into {len(res.written)} file(s): "
-                     f"{res.parts_before:,} files -> {res.files_after:,} in {res.seconds:.1f} s")  # fmt: skip
+    return jsonable(compact(cfg))
+
+
+def _show_compact(d: dict[str, Any]) -> None:
+    console().print(f"{d['units_merged']:,} units ({d['rows_merged']:,} rows) merged into {len(d['written'])} file(s): "
+                    f"{d['parts_before']:,} files -> {d['files_after']:,} in {d['seconds']:.1f} s")  # fmt: skip
 
 
 command(
@@ -110,22 +113,27 @@ moment: readers never see a row twice, and the next run finishes the job.
 Example:
   curate compact pool/ --target-rows 2000000
 """,
+    show=_show_compact,
 )
 
 
-def _index(cfg: config.IndexConfig) -> None:
+def _index(cfg: config.IndexConfig) -> dict[str, Any]:
     from curate.index import index
 
-    res = index(cfg)
-    if res.recall_at_10 is None:
-        _console().print(f"sub-indexes ({res.factory}) of {', '.join(cfg.sources)}: {res.rows:,} vectors, "
-                         f"{res.bytes / 2**20:.1f} MiB, {res.seconds:.1f} s -> {res.path}; merge them with "
-                         f"'curate index {cfg.pool} --per-source'")  # fmt: skip
+    data = {**jsonable(index(cfg)), "sources": cfg.sources, "merged": not cfg.sources}
+    if cfg.sources:
+        data["notes"] = [f"merge the sub-indexes with 'curate index {cfg.pool} --per-source'"]
+    return data
+
+
+def _show_index(d: dict[str, Any]) -> None:
+    size = f"{d['bytes'] / 2**20:.1f} MiB, {d['seconds']:.1f} s -> {d['path']}"
+    if not d["merged"]:
+        console().print(f"sub-indexes ({d['factory']}) of {', '.join(d['sources'])}: {d['rows']:,} vectors, {size}")
         return
-    _console().print(
-        f"{res.kind} index ({res.factory}) over {res.rows:,} vectors of dim {res.dim}: recall@10 "
-        f"{res.recall_at_10:.3f}, {res.bytes / 2**20:.1f} MiB, {res.seconds:.1f} s -> {res.path}"
-    )
+    recall = f"{d['recall_at_10']:.3f}" if d["recall_at_10"] is not None else "-"
+    console().print(f"{d['kind']} index ({d['factory']}) over {d['rows']:,} vectors of dim {d['dim']}: recall@10 "
+                    f"{recall}, {size}")  # fmt: skip
 
 
 command(
@@ -143,15 +151,23 @@ Examples:
   curate index pool/ --memory 4GB
   curate index pool/ --per-source --sources cc0,cc1    # one machine's share; a last run merges
 """,
+    show=_show_index,
 )
 
 
-def _sql(cfg: config.SqlConfig) -> None:
+def _sql(cfg: config.SqlConfig, as_json: bool) -> dict[str, Any] | None:
     from curate.query import sql
+    from kdcore import storage
 
-    n = sql(cfg)
+    n = sql(cfg, as_json=as_json)
     if cfg.out:
-        print(f"{n:,} rows -> {cfg.out}", file=sys.stderr)
+        return {"out": storage.redact(cfg.out), "format": "csv" if cfg.format == "table" else cfg.format, "count": n}
+    return None  # the rows are on stdout
+
+
+def _show_sql(d: dict[str, Any]) -> None:
+    if d.get("out"):
+        console(stderr=True).print(f"{d['count']:,} rows -> {d['out']}", markup=False)
 
 
 command(
@@ -164,33 +180,41 @@ column), errors, selection (with --selection).
 
 One SELECT statement; results leave only through stdout or --out. Macros: prob(logits, k),
 topk_classes(logits, k), rel_entropy(list_of_counts). The column meta holds source metadata as JSON
-text (e.g. json_extract_string(meta, '$.caption')).
+text (e.g. json_extract_string(meta, '$.caption')). --json prints one object: {"columns": [...], "rows":
+[{...}, ...], "count": N} with every row (--limit is for the table), or with --out what was written.
 
 \b
 Examples:
   curate sql pool/ 'SELECT source, count(*), avg(bn_score) FROM samples GROUP BY source'
   curate sql pool/ 'SELECT uid, sample_id FROM samples WHERE energy > 4' --format parquet --out related.parquet
+  n=$(curate sql pool/ 'SELECT count(*) AS n FROM samples' --json | jq '.rows[0].n')
 """,
+    show=_show_sql,
+    json_aware=True,
 )
 
 
-def _select(cfg: config.SelectConfig) -> None:
+def _select(cfg: config.SelectConfig) -> dict[str, Any]:
     from curate.select import select
 
-    res = select(cfg)
-    table = _table(None, ["source", "selected"])
-    for name, c in sorted(res.per_source.items()):
-        table.add_row(name, f"{c:,}")
-    out = _console()
-    out.print(table)
-    out.print(f"{res.rows:,} of {res.candidates:,} candidates selected -> {res.out}")
-    counts = sorted(res.per_class.items(), key=lambda kv: kv[1])
+    return jsonable(select(cfg))
+
+
+def _show_select(d: dict[str, Any]) -> None:
+    t = table(["source", "selected"])
+    for name, c in sorted(d["per_source"].items()):
+        t.add_row(name, f"{c:,}")
+    out = console()
+    out.print(t)
+    out.print(f"{d['rows']:,} of {d['candidates']:,} candidates selected -> {d['out']}", markup=False)
+    counts = sorted(d["per_class"].items(), key=lambda kv: kv[1])
     shown = counts if len(counts) <= 12 else counts[:5] + [("…", None)] + counts[-3:]
     classes = ", ".join(f"{k}={v:,}" if v is not None else "…" for k, v in shown)
-    out.print(f"per class ({len(counts)} classes, fewest first): {classes}; relative entropy {res.rel_entropy:.3f}"
-              + (f"; dedup removed {res.dedup_removed:,}" if res.dedup_removed else ""), markup=False)  # fmt: skip
-    if res.short_classes:
-        short = sorted(res.short_classes.items(), key=lambda kv: kv[1])
+    h = f"{d['rel_entropy']:.3f}" if d["rel_entropy"] is not None else "-"
+    out.print(f"per class ({len(counts)} classes, fewest first): {classes}; relative entropy {h}"
+              + (f"; dedup removed {d['dedup_removed']:,}" if d["dedup_removed"] else ""), markup=False)  # fmt: skip
+    if d["short_classes"]:
+        short = sorted(d["short_classes"].items(), key=lambda kv: kv[1])
         more = f" and {len(short) - 10} more" if len(short) > 10 else ""
         out.print(f"{len(short)} classes short of --per-class: " + ", ".join(f"{k} ({v})" for k, v in short[:10])
                   + more, markup=False)  # fmt: skip
@@ -210,26 +234,29 @@ Examples:
   curate select pool/ --strategy weighted --n 20000 --temperature 0.5 --where "source <> 'noise'" --out sel/
   curate select pool/ --strategy near --reference 'task=folder:refs/' --n 5000 --out sel/
 """,
+    show=_show_select,
 )
 
 
-def _report(cfg: config.ReportConfig) -> None:
+def _report(cfg: config.ReportConfig) -> dict[str, Any]:
     from curate.report import report
 
-    res = report(cfg)
-    table = _table(None, ["source", "samples", "errors", "auto", "confidence", "energy", "bn_score", "H/log C", "task"])
-    for s in res.sources:
-        table.add_row(s["source"], f"{s['rows']:,}", f"{s['errors']:,}", _f(s["auto"]), _f(s["confidence"]),
-                      _f(s["energy"]), _f(s["bn_score"]), _f(s["rel_entropy"]), "yes" if s["task"] else "")  # fmt: skip
-    out = _console()
-    out.print(table)
-    if res.auroc:
-        out.print("AUROC (task sources positive): " + ", ".join(f"{k} {v:.3f}" for k, v in res.auroc.items()))
-    if res.selection and "precision" in res.selection:
-        out.print(f"selection: {res.selection['rows']:,} rows, precision {res.selection['precision']:.3f}")
-    for warning in res.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    out.print(f"report -> {res.html}")
+    return jsonable(report(cfg))
+
+
+def _show_report(d: dict[str, Any]) -> None:
+    t = table(["source", "samples", "errors", "auto", "confidence", "energy", "bn_score", "H/log C", "task"])
+    for s in d["sources"]:
+        scores = [_f(s.get(k)) for k in ("auto", "confidence", "energy", "bn_score", "rel_entropy")]
+        t.add_row(s["source"], f"{s['rows']:,}", f"{s['errors']:,}", *scores, "yes" if s.get("task") else "")
+    out = console()
+    out.print(t)
+    if d.get("auroc"):
+        out.print("AUROC (task sources positive): " + ", ".join(f"{k} {_f(v)}" for k, v in d["auroc"].items()))
+    sel = d.get("selection")
+    if sel and sel.get("precision") is not None:
+        out.print(f"selection: {sel['rows']:,} rows, precision {sel['precision']:.3f}")
+    out.print(f"report -> {d['html']}", markup=False)
 
 
 def _f(v: float | None) -> str:
@@ -248,18 +275,25 @@ score histograms, class histograms, how well each score finds the task, thumbnai
 Example:
   curate report pool/ --selection sel/ --out report/ && chromium report/report.html
 """,
+    show=_show_report,
 )
 
 
-def _export(cfg: config.ExportConfig) -> None:
+def _export(cfg: config.ExportConfig) -> dict[str, Any]:
     from curate.export import export
 
     res = export(cfg)
-    rate = res.samples / res.seconds if res.seconds else 0
-    _console().print(f"{res.samples:,} samples in {res.shards} shards ({res.shards_skipped} already done), "
-                     f"{res.bytes / 2**20:.1f} MiB, {rate:,.0f} samples/s -> {res.out}/manifest.json")  # fmt: skip
+    data = {**jsonable(res), "manifest": f"{res.out}/manifest.json", "warnings": []}
     if res.errors:
-        print(f"warning: {res.errors:,} samples could not be exported; see {res.out}/errors.parquet", file=sys.stderr)
+        data["warnings"].append(f"{res.errors:,} samples could not be exported; see {res.out}/errors.parquet")
+    return data
+
+
+def _show_export(d: dict[str, Any]) -> None:
+    rate = d["samples"] / d["seconds"] if d["seconds"] else 0
+    console().print(f"{d['samples']:,} samples in {d['shards']} shards ({d['shards_skipped']} already done), "
+                    f"{d['bytes'] / 2**20:.1f} MiB, {rate:,.0f} samples/s -> {d['manifest']}",
+                    markup=False)  # fmt: skip
 
 
 command(
@@ -277,7 +311,9 @@ Examples:
   curate export pool/ --selection sel/ --out shards/
   curate export pool/ --selection sel/ --out s3://bucket/shards/
   curate export --source 'test=folder:/data/test?labels=dirs' --out eval-shards/
+  curate export pool/ --selection sel/ --out shards/ --image-format jpg --image-size view
 """,
+    show=_show_export,
 )
 
 

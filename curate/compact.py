@@ -5,11 +5,14 @@ opens each one. Compaction streams complete units' parts, in unit order, into co
 of about `target_rows` rows (row groups of `row_group_rows`), and commits each with its manifest:
 
     1. samples/S/compact-N.parquet written whole     (not read yet: no manifest)
-    2. units/S/compact-N.json (units, rows)           (the commit: readers switch to it)
-    3. the units' parts deleted                              (already hidden by the manifest)
+    2. units/S/compact-N.json (units, rows)           (the commit: `curate sql` switches to it)
+    3. snapshot.json published                        (outside readers switch to it)
+    4. the units' parts deleted                       (named by neither any more)
 
 Completion records stay, so `curate score` still skips the units. A compaction killed anywhere leaves a
-state readers handle (Pool.sample_files); the next run removes what the killed one left and goes on.
+state readers handle (Pool.sample_files, snapshot.json); the next run publishes the snapshot, removes what
+the killed one left and goes on. A glob of samples/ shows steps 1-4 as they happen (rows twice between 1
+and 4): outside readers read the files snapshot.json lists.
 It runs beside `curate score` (only complete units are merged); two compactions of one pool do not.
 Error parts are left as they are (one per unit that had errors, usually few).
 """
@@ -44,7 +47,7 @@ def compact(cfg: CompactConfig) -> CompactResult:
     result = CompactResult(pool=storage.redact(pool.root))
     with pool.lock("compact"):
         pool.clean_partial("compact")
-        result.parts_before = len(pool.sample_files())
+        result.parts_before = len(pool.publish())  # before the tidying: no snapshot names what it removes
         plans = [(s, _tidy_and_plan(pool, s, cfg.target_rows)) for s in pool.sources_on_disk()]
         total = sum(rows for _, groups in plans for g in groups for _, rows in g) or None
         with progress.bar("compacting", total=total, enabled=cfg.show_progress) as advance:
@@ -54,14 +57,15 @@ def compact(cfg: CompactConfig) -> CompactResult:
                     result.written.append(storage.redact(url))
                     result.units_merged += len(group)
                     result.rows_merged += sum(rows for _, rows in group)
-        result.files_after = len(pool.sample_files())
+        result.files_after = len(pool.publish())
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _tidy_and_plan(pool: Pool, source: str, target_rows: int) -> list[list[tuple[str, int]]]:
     """Remove what a killed compaction left (compact files without manifest, parts a manifest already
-    holds, replaced compact files), then group the remaining complete parts into runs of about target_rows."""
+    holds, replaced compact files), then group the remaining complete parts into runs of about target_rows.
+    The caller publishes the snapshot first: one written before a kill may still name what is removed here."""
     committed = pool.compacted(source)
     manifests = {storage.name(u) for u in storage.glob(pool.url("units", source, "compact-*.json"))}
     for url in storage.glob(storage.join(pool.samples_dir(source), "compact-*.parquet")):
@@ -137,6 +141,7 @@ def _write_group(pool: Pool, source: str, group: list[tuple[str, int]], row_grou
     rows = _write_parts(pool, url, parts, row_group_rows, advance)
     manifest = {"units": [u for u, _ in group], "rows": rows, "written_at": time.time()}
     storage.write_json(pool.url("units", source, f"{name}.json"), manifest, tag="compact")
+    pool.publish()  # readers of the snapshot switch to the compact file; then its parts can go
     for part in parts:
         storage.remove(part)
     return url
@@ -157,6 +162,7 @@ def rewrite_without(pool: Pool, source: str, url: str, manifest: dict[str, Any],
         rows = 0
     record = {"units": keep_units, "rows": rows, "written_at": time.time(), "replaces": [old]}
     storage.write_json(pool.url("units", source, f"{name}.json"), record, tag="compact")
+    pool.publish()
     storage.remove(url)
     storage.remove(pool.url("units", source, f"{old}.json"))
     if not keep_units:

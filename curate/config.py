@@ -6,6 +6,7 @@ stage functions take the config. This module imports no heavy library, so `curat
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kdcore.errors import UserError
@@ -16,9 +17,39 @@ PROGRESS = "the pipeline's own --progress"
 WORK = "the job's work directory"
 
 
+MAX_BATCH = 65_536  # samples per forward pass; more is a typo (a batch is held in memory whole)
+MEMORY_FORMAT = "a size such as 512MB or 4GB"
+
+
 def _positive(name: str, value: int | float | None, allow_zero: bool = False) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _workers(value: int) -> None:
+    if value < -1:
+        raise UserError(f"--workers must be -1 (pick for me), 0 (in this process) or a count, got {value}")
+
+
+def _batch(value: int | None) -> None:
+    _positive("batch_size", value)
+    if value is not None and value > MAX_BATCH:
+        raise UserError(f"--batch-size {value:,} is over {MAX_BATCH:,} samples per forward pass; give e.g. 256")
+
+
+def parse_memory(text: str, what: str = "--memory") -> int:
+    """'512MB', '4GB', '1.5GiB', '800K' -> bytes (binary units); a UserError unless it is a positive size."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    try:
+        value = float(m.group(1)) if m else None
+    except ValueError:
+        value = None
+    if value is None or not m:
+        raise UserError(f"cannot read {what} {text!r}; give {MEMORY_FORMAT}")
+    size = int(value * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
+    if size <= 0:
+        raise UserError(f"{what} must be a positive memory budget, got {text!r}; give {MEMORY_FORMAT}")
+    return size
 
 
 @dataclass
@@ -35,7 +66,10 @@ class ScoreConfig:
         cli_name="source",
     )
     pool: str = option(help="Pool directory (created, or resumed when it exists).", toml_reason=WORK)
-    batch_size: int = option(256, "Samples per forward pass.")
+    batch_size: int | None = option(
+        None, "Samples per forward pass; default: chosen from --memory and the teacher's input size (up to 256)."
+    )
+    memory: str = option("1GB", "Memory budget of the batches in flight; the default --batch-size follows from it.")
     workers: int = option(-1, "Decode worker processes; -1 picks (0 for undecoded arrays on CPU).")
     device: str = option("auto", "auto, cpu or cuda.")
     logits: str = option("full", "full, or topk:K to keep the K largest logits (many classes).")
@@ -59,8 +93,12 @@ class ScoreConfig:
     show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
 
     def __post_init__(self) -> None:
-        _positive("batch_size", self.batch_size)
+        _batch(self.batch_size)
+        parse_memory(self.memory)
+        _workers(self.workers)
         _positive("retries", self.retries, allow_zero=True)
+        _positive("odin_temperature", self.odin_temperature)
+        _positive("odin_eps", self.odin_eps, allow_zero=True)
         _positive("max_pixels", self.max_pixels)
         _positive("max_bytes", self.max_bytes)
         if not 0 <= self.max_error_rate <= 1:
@@ -106,6 +144,7 @@ class IndexConfig:
         if self.sources and not self.per_source:
             raise UserError("--sources builds sub-indexes: add --per-source")
         _positive("queries", self.queries, allow_zero=True)
+        parse_memory(self.memory)
 
 
 @dataclass
@@ -130,15 +169,17 @@ class SqlConfig:
 @dataclass
 class SelectConfig:
     pool: str = option(help="Pool directory.", positional=True, toml_reason=WORK)
-    strategy: str = option(help="threshold, top-per-class, weighted, balanced, random, near or diverse.")
     out: str = option(help="Selection directory (selection.parquet + selection.json).", toml_reason=WORK)
+    strategy: str = option("related", "related (the default: --n by score among the samples that look related, "
+                           "each predicted class capped at its share of them), threshold, top-per-class, weighted, "
+                           "balanced, random, near or diverse.")  # fmt: skip
     where: str | None = option(None, "SQL filter over the samples view (one boolean expression), applied first.")
     score: str = option(
         "auto",
-        "Column or SQL expression ranking samples (higher = better). auto: the fused rank "
-        "of bn_score, span_score and energy, the best worst case over teachers and pools.",
+        "Column or SQL expression ranking samples (higher = better). auto: the weighted rank "
+        "of bn_z (3), span_score and energy, the best worst case over teachers and pools.",
     )
-    n: int | None = option(None, "How many samples (weighted, balanced, random, near, diverse).")
+    n: int | None = option(None, "How many samples (related, weighted, balanced, random, near, diverse).")
     per_class: int | None = option(None, "top-per-class: K per predicted class.")
     threshold: float | None = option(None, "threshold: keep score >= T.")
     fraction: float | None = option(None, "threshold: keep the top fraction F by score instead.")
@@ -169,6 +210,9 @@ class SelectConfig:
             expression(self.score, "--score")
         for name in ("n", "per_class", "k", "clusters"):
             _positive(name, getattr(self, name))
+        if self.gamma is not None and not self.gamma > 0:
+            raise UserError(f"--gamma must be > 0 (p ∝ score ** GAMMA; {self.gamma} would not prefer the higher "
+                            "scores); use --strategy random for a uniform draw")  # fmt: skip
 
 
 @dataclass
@@ -205,6 +249,15 @@ class ExportConfig:
     soft_labels: str = option("full", "full (float16 logits) or topk:K (the K largest, with indices).")
     workers: int = option(-1, "Writer processes; -1 = one per core for large exports.")
     seed: int = option(0, "Seed of the order in which units are spread over shards.")
+    image_format: str = option(
+        "keep",
+        "Image encoding in the shards: keep (the original PNG, JPEG or WebP bytes; other formats as lossless PNG), "
+        "or jpg, png or webp for every sample (one image column, as Hugging Face datasets and most loaders expect).",
+    )
+    image_quality: int = option(95, "Quality (1-100) of jpg and webp images written by --image-format or --image-size.")
+    image_size: str = option(
+        "original", "original, or view: each image resized and centre-cropped to the teacher's input size."
+    )
     overwrite: bool = option(
         False, "Replace shards of a different export in --out.", toml_reason="a job clears a changed stage itself"
     )
@@ -212,3 +265,10 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _positive("shard_size", self.shard_size)
+        _workers(self.workers)
+        if self.image_format not in ("keep", "jpg", "png", "webp"):
+            raise UserError(f"--image-format must be keep, jpg, png or webp, got {self.image_format!r}")
+        if not 1 <= self.image_quality <= 100:
+            raise UserError(f"--image-quality must be in [1, 100], got {self.image_quality}")
+        if self.image_size not in ("original", "view"):
+            raise UserError(f"--image-size must be original or view, got {self.image_size!r}")

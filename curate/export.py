@@ -1,7 +1,9 @@
 """Stage 3: a selection (or a labelled source) -> WebDataset tar shards + manifest.json, on any storage.
 
     out/shard-000000.tar          KEY.png|jpg|webp  original bytes where the source has them (PNG, JPEG, WebP),
-                                                    else a lossless PNG of exactly what the view decodes
+                                                    else a lossless PNG of exactly what the view decodes;
+                                                    with --image-format jpg|png|webp every image in that
+                                                    encoding, with --image-size view at the teacher's view
                                   KEY.logits.npy    float16 teacher logits (C,), or the top-K values (K,)
                                   KEY.topk.npy      int16 class indices of those K values (topk only)
                                   KEY.json          uid, sample_id, source, pred, scores, weight, meta, logsumexp
@@ -42,11 +44,13 @@ from curate.sources import RawSample, Source, content_hash, parse_sources, read_
 from kdcore import progress, storage
 from kdcore.errors import UserError
 from kdcore.specs import parse_topk, topk_k
-from kdcore.view import DecodeError, open_image, to_mode
+from kdcore.view import DecodeError, InputSpec, open_image, to_mode, to_pixels
 
 FORMAT = "kdcurate-shards/1"
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 PNG_MODES = ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")  # kept as they are in a re-encoded PNG
+SAVE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+DEFAULT_IMAGE = {"format": "keep", "quality": 95, "size": "original"}  # what an export without the options wrote
 
 
 @dataclass
@@ -62,7 +66,9 @@ class ExportResult:
 
 def export(cfg: ExportConfig) -> ExportResult:
     t0 = time.perf_counter()
-    out = cfg.out
+    out = cfg.out = storage.target(cfg.out, "--out")
+    if cfg.pool is not None:
+        cfg.pool = storage.target(cfg.pool, "--pool")
     storage.check_writable(out, "--out")
     if storage.isfile(out):
         raise UserError(f"--out {out} is a file; give a directory for the shards")
@@ -96,7 +102,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                 stats = _write_shard(a)
                 advance(stats["count"] + len(stats["errors"]))
         else:
-            with mp.get_context("spawn").Pool(workers) as procs:
+            with mp.get_context("spawn").Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as procs:
                 for stats in procs.imap_unordered(_write_shard, args):
                     advance(stats["count"] + len(stats["errors"]))
 
@@ -167,6 +173,7 @@ def _plan_selection(cfg: ExportConfig) -> tuple[list[dict], dict[str, Any]]:
         "scores": scores,
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
+        "image": _image(cfg),
     }
     return plan, header
 
@@ -201,8 +208,14 @@ def _plan_sources(cfg: ExportConfig) -> tuple[list[dict], dict[str, Any]]:
         "sources": {n: storage.redact(s.spec) for n, s in sources.items()},
         "shard_size": cfg.shard_size,
         "seed": cfg.seed,
+        "image": _image(cfg),
     }
     return plan, header
+
+
+def _image(cfg: ExportConfig) -> dict[str, Any]:
+    """How the shards hold images (manifest.json `image`): format keep|jpg|png|webp, quality, size original|view."""
+    return {"format": cfg.image_format, "quality": cfg.image_quality, "size": cfg.image_size}
 
 
 def _soft_labels(spec: str, meta: dict[str, Any]) -> str:
@@ -260,6 +273,7 @@ def _check_previous(out: str, header: dict[str, Any], overwrite: bool) -> None:
             _wipe(out)
         return
     old = storage.read_json(plan_file, "plan.json")
+    old.setdefault("image", DEFAULT_IMAGE)
     if old != json.loads(json.dumps(header, default=str)):
         if not overwrite:
             diff = next((k for k in header if old.get(k) != json.loads(json.dumps(header[k], default=str))), "plan")
@@ -314,6 +328,27 @@ class _Hashing(io.RawIOBase):
         return len(b)
 
 
+def die_with_parent(parent: int) -> None:
+    """Run in each writer process: end it when the export that started it dies, even by SIGKILL (Linux's
+    parent-death signal; elsewhere a thread watching the parent's pid), so nothing writes on unasked."""
+    import contextlib
+    import ctypes
+    import signal
+    import threading
+
+    with contextlib.suppress(OSError, AttributeError):  # Linux only
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # died before the watch was set
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def _write_shard(args: tuple[str, dict, dict]) -> dict[str, Any]:
     url, task, header = args
     count, errors = 0, []
@@ -352,7 +387,7 @@ def _selection_samples(rows: list[dict], header: dict, errors: list) -> Any:
                 reason = "changed since it was scored"
             if reason is None:
                 try:
-                    ext, data = image_bytes(s.data)
+                    ext, data = image_bytes(s.data, image=header["image"], view=header["input"])
                 except DecodeError as e:
                     reason = f"not a readable image: {e}"
             if reason:
@@ -393,7 +428,7 @@ def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
                 errors.append({"uid": uid, "sample_id": sample_id, "reason": s.reason})
                 continue
             try:
-                ext, data = image_bytes(s.data, validate=True)
+                ext, data = image_bytes(s.data, validate=True, image=header["image"], view=header["input"])
             except DecodeError as e:
                 errors.append({"uid": uid, "sample_id": sample_id, "reason": f"not a readable image: {e}"})
                 continue
@@ -407,11 +442,19 @@ def _source_samples(units: list[dict], header: dict, errors: list) -> Any:
             yield sample
 
 
-def image_bytes(data: bytes | np.ndarray, validate: bool = False) -> tuple[str, bytes]:
+def image_bytes(data: bytes | np.ndarray, validate: bool = False, image: dict[str, Any] | None = None,
+                view: dict[str, Any] | None = None) -> tuple[str, bytes]:  # fmt: skip
     """(extension, bytes): the original encoding when it is PNG, JPEG or WebP; otherwise a lossless PNG that
     decodes (kdcore.view) to exactly the pixels the original does: first frame, EXIF orientation applied,
     transparency kept, modes PNG cannot hold brought to the 8-bit form the view makes of them. `validate`
-    decodes kept files too (bytes never scored: a truncated file is refused here, not in training)."""
+    decodes kept files too (bytes never scored: a truncated file is refused here, not in training).
+
+    `image` (manifest.json's): format jpg|png|webp re-encodes every image in that format (jpg: L or RGB, alpha
+    composited on black as the view does; webp keeps alpha); size `view` first makes the image exactly what the
+    teacher sees (`view`: the input preprocessing), so a png at view size holds the teacher's pixels."""
+    image = image or DEFAULT_IMAGE
+    if image["format"] != "keep" or image["size"] != "original":
+        return _reencode(data, image, view)
     if isinstance(data, bytes):
         try:
             with Image.open(io.BytesIO(data)) as probe:
@@ -435,6 +478,44 @@ def image_bytes(data: bytes | np.ndarray, validate: bool = False) -> tuple[str, 
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return "png", buf.getvalue()
+
+
+def _reencode(data: bytes | np.ndarray, image: dict[str, Any], view: dict[str, Any] | None) -> tuple[str, bytes]:
+    source_format = None
+    if isinstance(data, bytes):
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                source_format = probe.format
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DecodeError(f"not an image: {e}") from None
+    if image["size"] == "view":
+        if view is None:
+            raise UserError("--image-size view needs the teacher's input preprocessing; none is known")
+        pixels, _, _ = to_pixels(data, InputSpec.from_dict(view))
+        img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    elif isinstance(data, bytes):
+        img, _ = open_image(data)
+    else:
+        arr = np.asarray(data)
+        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    ext = image["format"] if image["format"] != "keep" else KEEP_FORMATS.get(source_format or "", "png")
+    grey = img.mode in ("1", "L", "LA", "I", "F") or img.mode.startswith("I;16")
+    alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if ext == "jpg" or (ext == "webp" and not alpha):
+        img = to_mode(img, 1 if grey else 3)
+    elif ext == "webp":
+        img = img.convert("RGBA")
+    elif img.mode not in PNG_MODES:
+        img = to_mode(img, 1 if grey else 3)
+    buf = io.BytesIO()
+    try:
+        if ext == "png":
+            img.save(buf, format="PNG")
+        else:
+            img.save(buf, format=SAVE_FORMATS[ext], quality=image["quality"])
+    except (OSError, ValueError) as e:
+        raise DecodeError(f"cannot encode as {ext}: {e}") from None
+    return ext, buf.getvalue()
 
 
 def _npy(a: np.ndarray) -> bytes:

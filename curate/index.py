@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import faiss
 import numpy as np
 import pyarrow.dataset as ds
 
-from curate.config import IndexConfig
+from curate.config import IndexConfig, parse_memory
 from curate.pool import Pool
 from kdcore import progress, storage
 from kdcore.errors import UserError
@@ -46,13 +45,6 @@ class IndexResult:
     recall_at_10: float | None  # None when only sub-indexes were built (--sources)
     seconds: float
     bytes: int
-
-
-def parse_memory(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UserError(f"cannot read memory budget {text!r}; write e.g. 512MB or 4GB")
-    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
 def dataset(files: list[str]) -> ds.Dataset:

@@ -1,6 +1,8 @@
 """The pool: pool.json, per-unit Parquet parts, errors, completion records, on any storage.
 
-    pool/pool.json                                  schema version, teacher, scores, sources
+    pool/pool.json                                  pool_id, schema version, teacher, scores, sources
+    pool/snapshot.json                              the sample files holding every sample once: outside readers
+                                                    read these (a glob of samples/ sees a compaction's rows twice)
     pool/samples/NAME/unit-ID.parquet               one row per decoded sample (zstd), `source` a column: only
                                                     Parquet here, so any reader (pyarrow, pandas, DuckDB, Spark,
                                                     Hugging Face) reads the folder as it is
@@ -20,6 +22,7 @@ a unit's rows are in its own part or in the compact file whose manifest names it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -33,6 +36,9 @@ from kdcore import storage
 from kdcore.errors import UserError
 
 SCHEMA_VERSION = 2
+SNAPSHOT = "snapshot.json"
+SNAPSHOT_HOW = ("the Parquet files holding every sample once, relative to the pool: read these (not a glob of "
+                "samples/, which shows a compaction's files twice until it ends)")  # fmt: skip
 ERROR_COLUMNS = (("uid", "int64"), ("sample_id", "string"), ("source", "string"), ("key", "string"),
                  ("unit", "string"), ("reason", "string"))  # fmt: skip
 
@@ -80,8 +86,8 @@ def _between(name: str, prefix: str, suffix: str) -> str:
 
 
 class Pool:
-    def __init__(self, root: str | Path) -> None:
-        self.root = str(root).rstrip("/") or "/"
+    def __init__(self, root: str | Path, what: str = "--pool") -> None:
+        self.root = storage.target(os.fspath(root), what)  # never the filesystem root, a bucket's, or ''
 
     # ------------------------------------------------------------------ layout
     def url(self, *parts: str) -> str:
@@ -122,11 +128,47 @@ class Pool:
                             f"kdcurate reads {SCHEMA_VERSION}: rescore it into a new pool")  # fmt: skip
         return meta
 
+    def identity(self, meta: dict[str, Any] | None = None) -> str:
+        """The pool's id: `pool_id` in pool.json (random, written at creation); a pool written before ids
+        has one derived from its creation time and teacher (the next `curate score` records it)."""
+        meta = meta if meta is not None else self.meta()
+        if meta.get("pool_id"):
+            return str(meta["pool_id"])
+        seed = f"{meta.get('created_at')}|{meta['teacher'].get('sha256')}|{sorted(meta.get('sources') or {})}"
+        return "legacy-" + hashlib.blake2b(seed.encode(), digest_size=8).hexdigest()
+
+    def check_selection(self, selection: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A selection's selection.json, when the selection was made on this pool; a one-line UserError
+        naming both pools otherwise (two pools with a source of the same name share uids, so a join by uid
+        would silently pair other images)."""
+        meta = meta if meta is not None else self.meta()
+        url = storage.join(selection, "selection.json")
+        if not storage.isfile(url):
+            raise UserError(f"{storage.redact(selection)} has no selection.json, so the pool it was made on is "
+                            "unknown; make the selection with 'curate select'")  # fmt: skip
+        info = storage.read_json(url, "selection.json")
+        if not isinstance(info, dict):
+            raise UserError(f"{storage.redact(url)} is not a selection.json; make the selection again")
+        here = self.identity(meta)
+        if "pool_id" in info:
+            same = info["pool_id"] == here
+        else:  # a selection written before pool ids: the teacher and the classes must at least agree
+            same = (info.get("teacher_sha256") == meta["teacher"].get("sha256")
+                    and info.get("classes") == meta["classes"])  # fmt: skip
+        if not same:
+            raise UserError(
+                f"selection {storage.redact(selection)} was made on pool {info.get('pool', '?')} (id "
+                f"{info.get('pool_id', 'unknown')}), not on {storage.redact(storage.absolute(self.root))} (id "
+                f"{here}); select again on this pool"
+            )
+        return info
+
     def write_meta(self, meta: dict[str, Any]) -> None:
         storage.makedirs(self.root)
         storage.write_json(self.meta_url, meta)
 
     def wipe(self) -> None:
+        storage.remove(self.snapshot_url)  # first: no reader is sent to files about to go
         for sub in ("samples", "errors", "units", "index"):
             storage.rmtree(self.url(sub))
         storage.remove(self.meta_url)
@@ -190,18 +232,70 @@ class Pool:
 
     def sample_files(self) -> list[str]:
         """The files to read: committed compact files, and the parts of complete units (record present)
-        that no compact file holds."""
+        that no compact file holds. Records are listed before manifests: a compaction committing in between
+        is seen through its manifest, so its units are never read twice."""
         files = []
         for source in self.sources_on_disk():
+            records = self.records(source)
             compacted = self.compacted(source)
             covered = {u for m in compacted.values() for u in m["units"]}
-            files += list(compacted)
-            files += [self.part(source, r["unit"]) for r in self.records(source) if r["unit"] not in covered]
+            files += [url for url, m in compacted.items() if m["units"]]  # an emptied file's manifest names none
+            files += [self.part(source, r["unit"]) for r in records if r["unit"] not in covered]
         return sorted(files)
+
+    # ------------------------------------------------------------------ the snapshot outside readers use
+    @property
+    def snapshot_url(self) -> str:
+        return self.url(SNAPSHOT)
+
+    def publish(self) -> list[str]:
+        """Write snapshot.json: the sample files that hold every complete unit's rows exactly once (paths
+        relative to the pool). Writers call it after each commit and before deleting any file a previous
+        snapshot may list, one at a time (a short lock), so the snapshot is always whole and never names a
+        file deleted before it was replaced."""
+        with self._snapshot_lock():
+            files = self.sample_files()
+            rel = [self.relative(f) for f in files]
+            storage.write_json(self.snapshot_url, {"files": rel, "written_at": time.time(),
+                                                   "how": SNAPSHOT_HOW}, tag="snapshot")  # fmt: skip
+        return files
+
+    def relative(self, url: str) -> str:
+        if storage.is_local(self.root):
+            return os.path.relpath(storage.local(url), storage.local(self.root)).replace(os.sep, "/")
+        return url[len(self.root) + 1 :]
+
+    @contextmanager
+    def _snapshot_lock(self) -> Iterator[None]:
+        """Serialises snapshot writers (score, compact): locally an OS lock, waited for; on object storage
+        the lock object of `remote_lock`, retried."""
+        if not storage.is_local(self.root):
+            from curate.remote_lock import remote_lock
+
+            holder = {"command": "snapshot", "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            for _ in range(600):
+                try:
+                    with remote_lock(self.url("locks", "snapshot.lock"), holder, self.root):
+                        yield
+                    return
+                except UserError:
+                    time.sleep(0.2)
+            raise UserError(f"pool {storage.redact(self.root)}: its snapshot lock stays taken; rerun")
+        import fcntl
+
+        path = storage.local(self.url("locks", "snapshot.lock"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for one listing and one write
+            yield
+        finally:
+            os.close(fd)
 
     def drop_units(self, source: str, units: set[str]) -> None:
         """Forget units (changed or gone from the source): their parts, errors and records; compact files
-        holding any of them are rewritten without them (a new manifest replaces the old one)."""
+        holding any of them are rewritten without them (a new manifest replaces the old one). The parts go
+        after a snapshot without them is published."""
         if not units:
             return
         for url, manifest in self.compacted(source).items():
@@ -212,6 +306,8 @@ class Pool:
                 rewrite_without(self, source, url, manifest, held)
         for unit in sorted(units):
             storage.remove(self.record(source, unit))  # first: the unit is incomplete from here on
+        self.publish()
+        for unit in sorted(units):
             storage.remove(self.part(source, unit))
             storage.remove(self.error_part(source, unit))
 

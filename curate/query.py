@@ -61,14 +61,19 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
     con.execute(f"CREATE VIEW stored AS SELECT * FROM read_parquet({source}, union_by_name=true)")
     available = set(meta.get("available_scores") or _stored_scores(con, meta))
-    derived = [f"{sql} AS {name}" for name in DERIVED if (sql := derived_sql(name, available, reference is not None))]
-    # derived scores (auto) are window columns: DuckDB computes them only for the queries that use them
-    if reference is None:
-        con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM stored")
-    else:
+    base = "stored"
+    if reference is not None:
         con.register("_reference", reference)
         con.execute("CREATE VIEW _with_ref AS SELECT s.*, r.ref_score FROM stored s LEFT JOIN _reference r USING (uid)")
-        con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM _with_ref")
+        base = "_with_ref"
+    # derived scores (bn_z, then auto over it) are window columns: DuckDB computes them only for the queries that
+    # use them
+    layers = _bn_layers(con) if "bn_score" in available else 0
+    bn_z = derived_sql("bn_z", available, bn_layers=layers)
+    con.execute(f"CREATE VIEW _scored AS SELECT *{f', {bn_z} AS bn_z' if bn_z else ''} FROM {base}")
+    derived = [f"{sql} AS {name}" for name in DERIVED if name != "bn_z" and
+               (sql := derived_sql(name, available, reference is not None, layers))]  # fmt: skip
+    con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM _scored")
     if storage.glob(storage.join(pool.root, "errors", "*", "*.parquet")):
         errors = _lit(storage.join(root, "errors", "*", "*.parquet"))
         con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, union_by_name=true)")
@@ -79,6 +84,7 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         path = storage.join(selection, "selection.parquet")
         if not storage.isfile(path):
             raise UserError(f"no selection at {selection} (expected {path})")
+        pool.check_selection(selection, meta)
         _register(con, path)
         con.execute(f"CREATE VIEW selection AS SELECT * FROM read_parquet({_lit(storage.absolute(path))})")
     n_classes = len(meta["classes"])
@@ -96,6 +102,14 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         f"ln(c / list_sum(counts)) ELSE 0 END)) / ln({max(2, n_classes)})"
     )
     return con
+
+
+def _bn_layers(con: duckdb.DuckDBPyConnection) -> int:
+    """How many BatchNorm layers the pool stores per sample (the bn_layers column, FLOAT[L]); 0 without."""
+    if "bn_layers" not in {r[0] for r in con.execute("DESCRIBE stored").fetchall()}:
+        return 0
+    row = con.execute("SELECT len(bn_layers) FROM stored WHERE bn_layers IS NOT NULL LIMIT 1").fetchall()
+    return int(row[0][0]) if row else 0
 
 
 def _register(con: duckdb.DuckDBPyConnection, url: str) -> None:
@@ -156,17 +170,30 @@ def expression(text: str, what: str, con: duckdb.DuckDBPyConnection | None = Non
     return text
 
 
-def sql(cfg: SqlConfig) -> int:
-    """Run the query over the pool; print or write the result. Returns the rows written (table: shown)."""
+def sql(cfg: SqlConfig, as_json: bool = False) -> int:
+    """Run the query over the pool; print or write the result. Returns the rows written (table: shown). With
+    `as_json` and no --out, stdout gets one JSON object: {"columns": [...], "rows": [{...}, ...], "count": N},
+    every row (--limit is the table's)."""
     query = read_only(cfg.query)
+    if as_json and not cfg.out and cfg.format not in ("table", "json"):
+        raise UserError(f"--json prints the rows as one JSON object; leave out --format {cfg.format}, or write "
+                        f"{cfg.format} with --out FILE")  # fmt: skip
     if cfg.out and storage.inside(cfg.out, cfg.pool):
         raise UserError(f"--out {cfg.out} is inside the pool; curate sql never writes into the pool")
+    if cfg.out and storage.isdir(cfg.out):
+        ext = "csv" if cfg.format == "table" else cfg.format
+        raise UserError(f"--out {storage.redact(cfg.out)} is a directory; give a file, e.g. "
+                        f"{storage.redact(storage.join(cfg.out, f'result.{ext}'))}")  # fmt: skip
     try:
         con = connect(cfg.pool, cfg.selection)
         if cfg.out:
             return _write(con.sql(query), cfg.format, cfg.out)
         cur = con.execute(query)
         names = [d[0] for d in cur.description] if cur.description else []
+        if as_json:
+            from kdcore.output import results
+
+            return _stream_json_object(cur, names, results())
         if cfg.format == "table":
             return _print_table(cur, names, cfg.limit)
         return _stream_text(cur, names, cfg.format, sys.stdout)
@@ -191,7 +218,7 @@ def _write(rel: duckdb.DuckDBPyRelation, fmt: str, out: str) -> int:
         import io
 
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        writer = csv.writer(text) if fmt in ("csv", "table") else None
+        writer = csv.writer(text, lineterminator="\n") if fmt in ("csv", "table") else None
         if writer:
             writer.writerow(names)
         for batch in reader:
@@ -207,8 +234,9 @@ def _write(rel: duckdb.DuckDBPyRelation, fmt: str, out: str) -> int:
 
 
 def _print_table(cur: duckdb.DuckDBPyConnection, names: list[str], limit: int) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from kdcore.output import console
 
     rows = cur.fetchmany(limit + 1)
     table = Table(show_lines=False)
@@ -216,16 +244,15 @@ def _print_table(cur: duckdb.DuckDBPyConnection, names: list[str], limit: int) -
         table.add_column(n, overflow="fold")
     for row in rows[:limit]:
         table.add_row(*[_cell(v) for v in row])
-    console = Console()
-    console.print(table)
+    console().print(table)
     if len(rows) > limit:
-        Console(stderr=True).print(f"(first {limit} rows shown; use --format csv|json|parquet --out FILE for all)")
+        console(stderr=True).print(f"(first {limit} rows shown; use --format csv|json|parquet --out FILE for all)")
     return min(len(rows), limit)
 
 
 def _stream_text(cur: duckdb.DuckDBPyConnection, names: list[str], fmt: str, stream: Any) -> int:
     n = 0
-    writer = csv.writer(stream) if fmt == "csv" else None
+    writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
     if writer:
         writer.writerow(names)
     while batch := cur.fetchmany(10_000):
@@ -235,6 +262,21 @@ def _stream_text(cur: duckdb.DuckDBPyConnection, names: list[str], fmt: str, str
             else:
                 stream.write(json.dumps(dict(zip(names, row, strict=True)), default=str) + "\n")
         n += len(batch)
+    return n
+
+
+def _stream_json_object(cur: duckdb.DuckDBPyConnection, names: list[str], stream: Any) -> int:
+    """The result as one JSON object, written row by row (never held whole)."""
+    from kdcore.output import dumps
+
+    n = 0
+    stream.write('{"columns": ' + dumps(names) + ', "rows": [')
+    while batch := cur.fetchmany(10_000):
+        for row in batch:
+            stream.write((",\n" if n else "\n") + dumps(dict(zip(names, row, strict=True))))
+            n += 1
+    stream.write(f'\n], "count": {n}, "warnings": []}}\n')
+    stream.flush()
     return n
 
 

@@ -27,7 +27,7 @@ from curate import report_plots as plots
 from curate.config import ReportConfig
 from curate.pool import Pool
 from curate.query import connect, expression
-from curate.scores import DERIVED, SCORES
+from curate.scores import DERIVED, SCORES, two_component_split
 from curate.select import rel_entropy
 from kdcore import storage
 from kdcore.errors import UserError
@@ -49,6 +49,7 @@ class ReportResult:
 
 def report(cfg: ReportConfig) -> ReportResult:
     t0 = time.perf_counter()
+    cfg.pool, cfg.out = storage.target(cfg.pool, "--pool"), storage.target(cfg.out, "--out")
     pool = Pool(cfg.pool)
     meta = pool.meta()
     if storage.inside(cfg.out, pool.root):
@@ -56,6 +57,9 @@ def report(cfg: ReportConfig) -> ReportResult:
     if storage.isfile(cfg.out):
         raise UserError(f"--out {cfg.out} is a file; give a directory")
     con = connect(cfg.pool, cfg.selection)
+    if not con.execute("SELECT count(*) FROM samples").fetchall()[0][0]:
+        raise UserError(f"pool {storage.redact(pool.root)} holds no samples (see its errors with curate sql "
+                        "\"SELECT * FROM errors\"); there is nothing to report")  # fmt: skip
     classes = meta["classes"]
     available = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     expression(cfg.score, "--score", con)
@@ -105,11 +109,14 @@ def report(cfg: ReportConfig) -> ReportResult:
             thumbs.append(plots.grid(local / "thumbs-selection.png", sel_rows, px,
                                      "the selection, by predicted class (best first)"))  # fmt: skip
     images += thumbs
+    trust = _trust(con, [cfg.score] + [s for s in GALLERY_SCORES if s in scores and s != cfg.score])
+    galleries = _galleries(con, meta, local, [s for s in GALLERY_SCORES if s in scores], min(cfg.thumbs, 6),
+                           classes) if cfg.thumbs else {}  # fmt: skip
     page = _html(meta, pool, sources, auroc, task, thumbs, sel_info, images, cfg.score, classes, warnings,
-                 time.perf_counter() - t0)  # fmt: skip
+                 time.perf_counter() - t0, trust, galleries)  # fmt: skip
     (local / "report.html").write_text(page)
     storage.write_json(str(local / "report.json"), {"sources": sources, "auroc": auroc, "selection": sel_info,
-                                                    "warnings": warnings})  # fmt: skip
+                                                    "warnings": warnings, "trust": trust})  # fmt: skip
     if not storage.is_local(cfg.out):
         for p in local.iterdir():
             storage.write_bytes(storage.join(cfg.out, p.name), p.read_bytes(), tag="report")
@@ -299,6 +306,70 @@ def _selection_thumbnail_rows(con, classes: list[str], k: int, n_classes: int = 
     return [(name[:16], items) for name, items in by_class.items()]
 
 
+# ------------------------------------------------------------------------------------------ without task sources
+
+
+GALLERY_SCORES = ("auto", "bn_score", "span_score", "energy", "confidence")
+
+
+def _trust(con, scores: list[str]) -> dict[str, dict[str, Any]]:
+    """How cleanly each score splits the pool: a two-component Gaussian mixture fitted to its distribution (on
+    a deterministic sample of at most 200,000 rows); Ashman's D >= 2 is a clean split, below 1.2 a weak one."""
+    total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+    step = max(1, -(-int(total) // 200_000))
+    out = {}
+    for s in scores:
+        x = con.execute(f"SELECT ({s})::DOUBLE AS x FROM samples WHERE ({s}) IS NOT NULL AND hash(uid) % {step} = 0"
+                        ).fetchnumpy()["x"]  # fmt: skip
+        split = two_component_split(np.asarray(x, np.float64))
+        if split is None:
+            continue
+        above = float((np.asarray(x) >= split.threshold).mean())
+        out[s] = {"separation": round(split.separation, 3), "verdict": split.verdict,
+                  "threshold": round(split.threshold, 6), "share_related": round(above, 4)}  # fmt: skip
+    return out
+
+
+def _galleries(con, meta: dict[str, Any], local: Path, scores: list[str], k: int, classes: list[str]
+               ) -> dict[str, list[tuple[str, list[dict]]]]:  # fmt: skip
+    """Per score, the k samples it ranks highest, the k around its median and the k it ranks lowest over the
+    whole pool, each saved as one thumbnail PNG (its file name under 'file') for an HTML caption."""
+    if k <= 0 or not scores:
+        return {}
+    cols = "source, unit, key, sample_id, pred, uid"
+    rows: dict[str, list[tuple[str, list[dict]]]] = {}
+    for s in scores:
+        v = f"({s})::DOUBLE"
+        q = {
+            "top": f"SELECT {cols}, {v} AS score FROM samples WHERE {v} IS NOT NULL ORDER BY {v} DESC, uid LIMIT {k}",
+            "middle": f"SELECT {cols}, {v} AS score FROM samples WHERE {v} IS NOT NULL ORDER BY abs({v} - (SELECT "
+                      f"median({v}) FROM samples)), uid LIMIT {k}",
+            "bottom": f"SELECT {cols}, {v} AS score FROM samples WHERE {v} IS NOT NULL ORDER BY {v}, uid LIMIT {k}",
+        }  # fmt: skip
+        rows[s] = [(where, _rows(con, sql, classes)) for where, sql in q.items()]
+    px = plots.pixels(meta, [r for per in rows.values() for _, items in per for r in items])
+    for s, per in rows.items():
+        for where, items in per:
+            for i, r in enumerate(items):
+                img = px.get((r["source"], r["unit"], r["key"]))
+                r["file"] = plots.thumbnail(local / f"g-{s}-{where}-{i}.png", img)
+    return rows
+
+
+def _gallery_html(score: str, per: list[tuple[str, list[dict]]]) -> str:
+    e = html.escape
+    out = [f"<h3>{e(score)}</h3>"]
+    for where, items in per:
+        figs = []
+        for r in items:
+            img = f"<img class=g src='{e(r['file'])}' alt='{e(r['sample_id'])}'>" if r.get("file") else \
+                "<div class=missing>no pixels</div>"  # fmt: skip
+            figs.append(f"<figure>{img}<figcaption>{e(r['sample_id'])}<br>{e(r['class'])}<br>{e(score)} "
+                        f"{r['score']:.3g}</figcaption></figure>")  # fmt: skip
+        out.append(f"<div class=gal><div class=where>{e(where)}</div>{''.join(figs)}</div>")
+    return "".join(out)
+
+
 # ------------------------------------------------------------------------------------------ page
 
 
@@ -315,7 +386,8 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes, warnings, seconds) -> str:
+def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes, warnings, seconds, trust=None,
+          galleries=None) -> str:  # fmt: skip
     e = html.escape
     teacher = meta["teacher"]
     parts = [
@@ -329,8 +401,8 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes,
                 "H/log C", "of the task"],
                [[s["source"], s["rows"], s["errors"], s["auto"], s["confidence"], s["energy"], s["bn_score"],
                  s["rel_entropy"], "yes" if s["task"] else ""] for s in sources]),
-        "<p class=note>auto: the mean percentile rank in the pool of bn_score, span_score and energy (those the "
-        "teacher gives), 0 to 1; a source of related data sits high.</p>",
+        "<p class=note>auto: the weighted mean percentile rank in the pool of bn_z (3), span_score and energy "
+        "(those the teacher gives), 0 to 1; a source of related data sits high.</p>",
         "<p class=note>H/log C: relative entropy of the teacher's predicted-class histogram; near 1 = the teacher "
         "sees every class in this source (Frank &amp; Davis 2025).</p>",
         "<h2>Score distributions</h2><img src='scores.png' alt='score histograms'>",
@@ -353,6 +425,32 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes,
             _table(["score", "AUROC"], sorted(([k, v] for k, v in auroc.items()), key=lambda r: -r[1])),
             "<img src='roc.png' alt='ROC curves'>",
         ]
+    if trust:
+        mine = trust.get(score)
+        head = (f"<b>{e(score)}</b> splits this pool {mine['verdict']}ly (separation D = {mine['separation']:.2f}; "
+                f"{mine['share_related']:.1%} of the samples fall on its related side)" if mine else
+                f"<b>{e(score)}</b> shows no two populations in this pool")  # fmt: skip
+        parts += [
+            "<h2>How far to trust the ranking</h2>",
+            f"<p>{head}. A two-component mixture fitted to each score's distribution over the pool: D (Ashman's, "
+            "the distance of the two means in units of their spread) of 2 or more is a clean split, below 1.2 a weak "
+            "one. A clean split says the score sees two populations, not which one is the task: check the "
+            "galleries below. The default selection (<code>curate select POOL --n N --out SEL</code>) takes its "
+            "candidates from the related side of this split.</p>",
+            _table(["score", "separation D", "split", "share on the related side"],
+                   [[k, v["separation"], v["verdict"], v["share_related"]] for k, v in trust.items()]),
+        ]  # fmt: skip
+    if not auroc:
+        parts.append(
+            "<p class=note>No source is known to be of the task, so nothing here measures how well a score finds "
+            "it. Name the sources that are with <code>curate report --task-source NAME</code> to get each score's "
+            "AUROC and ROC curve, or give a few images of the task with <code>curate select --reference "
+            "NAME=SPEC</code> (they calibrate the score; with <code>--strategy near</code> they seed the search).</p>"
+        )  # fmt: skip
+    if galleries:
+        parts.append("<h2>What each score ranks top, middle and bottom</h2><p class=note>Over the whole pool, in the "
+                     "teacher's view; under each image: sample id, the teacher's class, the score.</p>")  # fmt: skip
+        parts += [_gallery_html(s, per) for s, per in galleries.items()]
     if sel:
         parts += ["<h2>Selection</h2>", f"<p>{sel['rows']:,} of {sel['pool_rows']:,} samples selected; "
                   f"predicted-class H/log C = {sel['rel_entropy']:.3f}.</p>"]  # fmt: skip
@@ -380,6 +478,9 @@ def _html(meta, pool, sources, auroc, task, thumbs, sel, images, score, classes,
         "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f6f6f6}"
         "img{max-width:100%;display:block;margin:8px 0}.meta,.note{color:#666;font-size:12.5px}"
         "code{background:#f3f3f3;padding:1px 4px}.warn{background:#fff3cd;border:1px solid #e0c36b;padding:6px 10px}"
+        ".gal{display:flex;flex-wrap:wrap;align-items:flex-start;gap:6px;margin:4px 0}.gal figure{margin:0;width:"
+        "112px}.gal img{width:96px;height:96px;margin:0;image-rendering:pixelated}.gal figcaption{font-size:12px;"
+        "line-height:1.3;word-break:break-all}.where{width:60px;font-size:12px;color:#666;align-self:center}"
     )
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdcurate report</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>")  # fmt: skip

@@ -108,6 +108,19 @@ def pixels(meta: dict[str, Any], items: list[dict]) -> dict[tuple[str, str, str]
     return out
 
 
+def thumbnail(path: Path, img: np.ndarray | None, side: int = 96) -> str | None:
+    """One sample's thumbnail (C×H×W uint8, the teacher's view) as a side×side PNG, for an HTML caption under
+    it; None when its pixels could not be re-read."""
+    if img is None:
+        return None
+    from PIL import Image
+
+    arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+    im = Image.fromarray(np.ascontiguousarray(arr))
+    im.resize((side, side), Image.NEAREST if max(im.size) < side else Image.BILINEAR).save(path)
+    return path.name
+
+
 def grid(path: Path, rows: list[tuple[str, list[dict]]], px: dict, title: str) -> str:
     """A grid of thumbnails: one row per (label, samples); each captioned with its sample id, the teacher's
     class and the score."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+from dataclasses import replace
 
 from torch.utils.data import DataLoader
 
@@ -34,11 +36,13 @@ from kdcore import progress, storage
 from kdcore.errors import UserError
 
 ARRAY_KINDS = ("idx", "npy", "synthetic", "builtin")
+PUBLISH_EVERY = 60.0  # seconds between snapshots while scoring (one listing of the pool each)
 
 
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score every unit of every source not yet done (or changed since) into the pool at cfg.pool."""
     t0 = time.perf_counter()
+    cfg.pool = storage.target(cfg.pool, "--pool")
     if not cfg.sources:
         raise UserError("no --source given; e.g. --source photos=folder:/data/photos")
     storage.check_writable(cfg.pool, "--pool")
@@ -55,22 +59,27 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                      runner.available)  # fmt: skip
         result = ScoreResult(pool=storage.redact(pool.root))
         todo = plan(pool, units_by_source, result, sources)
+        workers = decode_workers(cfg, sources, todo, runner.device.type)
+        result.batch_size, result.batch_note = runner.choose_batch(todo, workers if cfg.engine == "local" else 0)
         if cfg.engine == "ray":
             runner.close()
             from curate.score_ray import run_ray
 
-            run_ray(cfg, todo, runner.spec, result)
+            run_ray(replace(cfg, batch_size=result.batch_size), todo, runner.spec, result)
         else:
             run_local(cfg, sources, todo, runner, pool, result)
             runner.close()
 
+        pool.publish()  # snapshot.json: what outside readers read
         total_rows = total_errors = 0
         for r in pool.records():
             if r["source"] in sources:
                 total_rows += r["rows"]
                 total_errors += r["errors"]
     sizes = {(u.source, u.id): u.size or 1 for u in todo}
-    total_errors += sum(sizes.get((src, unit), 1) for src, unit, _ in result.failed_units)
+    for src, unit, _ in result.failed_units:  # a failed unit's samples are errors (its size, or 1 when unknown)
+        result.per_source[src].errors += sizes.get((src, unit), 1)
+        total_errors += sizes.get((src, unit), 1)
     result.error_rate = total_errors / max(1, total_rows + total_errors)
     result.error_rate_exceeded = result.error_rate > cfg.max_error_rate
     result.seconds = time.perf_counter() - t0
@@ -103,17 +112,15 @@ def run_local(cfg: ScoreConfig, sources: dict[str, Source], todo: list[Unit], ru
               result: ScoreResult) -> None:  # fmt: skip
     """DataLoader workers read and decode units; this process scores and writes them."""
     device = runner.device
-    workers = cfg.workers
-    if workers < 0:
-        all_arrays = all(sources[u.source].kind in ARRAY_KINDS for u in todo)
-        workers = 0 if all_arrays and device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = decode_workers(cfg, sources, todo, device.type)
     for src in sources.values():
         src.max_bytes = cfg.max_bytes
-    dataset = UnitBatches(sources, todo, runner.spec, cfg.batch_size, cfg.max_pixels, cfg.retries)
+    dataset = UnitBatches(sources, todo, runner.spec, result.batch_size, cfg.max_pixels, cfg.retries)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False)  # fmt: skip
     total = sum(u.size or 0 for u in todo) or None
     pending: dict[int, UnitRows] = {}
+    published = time.monotonic()
     with progress.bar("scoring", total=total, enabled=cfg.show_progress) as advance:
         for chunk in loader:
             i = chunk["unit"]
@@ -129,6 +136,17 @@ def run_local(cfg: ScoreConfig, sources: dict[str, Source], todo: list[Unit], ru
                 else:
                     stats = write_unit(pool, todo[i], rows, runner.schema, runner.teacher.fingerprint)
                     account(result, todo[i].source, stats)
+                    if time.monotonic() - published > PUBLISH_EVERY:  # outside readers see the progress
+                        pool.publish()
+                        published = time.monotonic()
+
+
+def decode_workers(cfg: ScoreConfig, sources: dict[str, Source], todo: list[Unit], device: str) -> int:
+    """--workers, or: none for undecoded arrays on a CPU, else one per core but one (at most 8)."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    all_arrays = all(sources[u.source].kind in ARRAY_KINDS for u in todo)
+    return 0 if all_arrays and device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def prepare_pool(pool: Pool, cfg: ScoreConfig, teacher: models.LoadedModel, sources: dict[str, Source],
@@ -158,11 +176,13 @@ def prepare_pool(pool: Pool, cfg: ScoreConfig, teacher: models.LoadedModel, sour
             if prev and prev["spec"] != storage.redact(src.spec):
                 raise UserError(f"pool {storage.redact(pool.root)} already has a source {name!r} from "
                                 f"{prev['spec']!r}; give this one another name")  # fmt: skip
+        meta.setdefault("pool_id", pool.identity(meta))  # a pool written before ids records its derived one
         pool.clean_partial("score")
     else:
         k = int(logits_kind.split(":")[1]) if ":" in logits_kind else len(teacher.classes)
         meta = {
             "schema_version": SCHEMA_VERSION,
+            "pool_id": uuid.uuid4().hex,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": settings,
             "teacher": teacher.describe(),

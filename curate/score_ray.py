@@ -9,7 +9,9 @@ the local engine does: an errors/ row and no marker, so a rerun tries it again.
 
 On a cluster: `ray start --head` on one node, `ray start --address HEAD:6379` on the others, then
 `curate score --engine ray --ray-address HEAD:6379 ...` (or `auto`) from any node with kdcurate
-installed in the same environment.
+installed in the same environment. The driver's storage variables (AWS_*, GOOGLE_*, AZURE_*, proxies: see
+`kdcore.storage.environment`) travel to every worker in Ray's runtime_env, so the workers reach the pool
+and the sources with the driver's credentials and endpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from curate.scoring import (
     write_unit,
 )
 from curate.sources import Unit, parse_source
-from kdcore import progress
+from kdcore import progress, storage
 from kdcore.errors import UserError
 
 try:
@@ -71,11 +73,15 @@ def run_ray(cfg: ScoreConfig, todo: list[Unit], input_spec: Any, result: ScoreRe
         return
     started_here = not ray.is_initialized()
     if started_here:
+        # the workers reach the pool and the sources with the driver's storage settings, not with whatever
+        # environment `ray start` ran in on each node
+        runtime_env = {"env_vars": storage.environment()}
         try:
             if cfg.ray_address:
-                ray.init(address=cfg.ray_address, log_to_driver=False)
+                ray.init(address=cfg.ray_address, log_to_driver=False, runtime_env=runtime_env)
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         runtime_env=runtime_env)  # fmt: skip
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach a Ray cluster at {cfg.ray_address or 'a new local instance'}: {e}") from None
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 DIRECTION = "higher means more related to the teacher's task"
 
 
@@ -71,29 +73,131 @@ class Derived:
     name: str
     definition: str
     parts: tuple[str, ...]
+    weights: tuple[float, ...] = ()
 
 
 DERIVED: dict[str, Derived] = {
+    "bn_z": Derived(
+        "bn_z",
+        "negative sum over BatchNorm layers of the layer's deviation (bn_layers) divided by its standard deviation "
+        "over the pool: each layer counts by how much it varies here, so the first layers, whose deviations are "
+        "small and rank plain noise as normal, no longer weigh as much as the deep ones; bn_score where the pool "
+        "stores no bn_layers",
+        ("bn_layers",),
+    ),
     "auto": Derived(
         "auto",
-        "mean percentile rank in the pool of bn_score, span_score and energy (those the teacher has): BatchNorm "
-        "statistics, the classifier's span and the logits fail on different pools, so their ranks are fused; the "
-        "default, chosen by its worst case over the teacher/pool pairs of benchmarks/relatedness.py; with reference "
-        "images (select --reference), averaged with the rank of ref_score",
-        ("bn_score", "span_score", "energy"),
+        "weighted mean percentile rank in the pool of bn_z (weight 3), span_score (1) and energy (1), those the "
+        "teacher has: BatchNorm statistics, the classifier's span and the logits fail on different pools, so their "
+        "ranks are fused, with the BatchNorm one, the best worst case alone, leading; the default, chosen by its "
+        "worst case over the teacher/pool pairs of benchmarks/relatedness.py; with reference images (select "
+        "--reference), averaged with the rank of ref_score",
+        ("bn_z", "span_score", "energy"),
+        (3.0, 1.0, 1.0),
     ),
 }
 
 
-def derived_sql(name: str, available: set[str], reference: bool = False) -> str | None:
-    """The SQL (window functions over the pool) of a derived score, from the parts the pool holds. With
+def bn_z_sql(layers: int) -> str:
+    """bn_z over `layers` stored BatchNorm deviations: sum of bn_layers[l] / sd_l, negated (ranks ignore the
+    constant the per-layer means would add); window aggregates, one pass over the pool."""
+    terms = " + ".join(f"bn_layers[{i}] / (stddev_pop(bn_layers[{i}]) OVER () + 1e-6)" for i in range(1, layers + 1))
+    return f"(-({terms}) / {layers})::FLOAT"
+
+
+def derived_sql(name: str, available: set[str], reference: bool = False, bn_layers: int = 0) -> str | None:
+    """The SQL (window functions over the pool) of a derived score, from the parts the pool holds. `bn_layers`:
+    how many BatchNorm layers the pool stores per sample (0: none, bn_z falls back to bn_score). With
     `reference` (a `ref_score` column from reference images, `curate select --reference`), the reference score's
     rank takes half the weight: a few images of the task outweigh what the teacher alone can tell."""
-    parts = [p for p in DERIVED[name].parts if p in available]
+    if name == "bn_z":
+        if bn_layers:
+            return bn_z_sql(bn_layers)
+        return "bn_score" if "bn_score" in available else None
+    d = DERIVED[name]
+    have = set(available) | ({"bn_z"} if "bn_score" in available or bn_layers else set())
+    parts = [(p, w) for p, w in zip(d.parts, d.weights or (1.0,) * len(d.parts), strict=True) if p in have]
     if not parts:
         return None
-    ranks = " + ".join(f"percent_rank() OVER (ORDER BY {p} NULLS FIRST)" for p in parts)
-    fused = f"({ranks}) / {len(parts)}"
+    total = sum(w for _, w in parts)
+    ranks = " + ".join(f"{w:g} * percent_rank() OVER (ORDER BY {p} NULLS FIRST)" for p, w in parts)
+    fused = f"({ranks}) / {total:g}"
     if reference:
         fused = f"(({fused}) + percent_rank() OVER (ORDER BY ref_score NULLS FIRST)) / 2"
     return f"({fused})::FLOAT"
+
+
+@dataclass(frozen=True)
+class Split:
+    """A two-component Gaussian mixture fitted to a score's distribution over the pool: the "related" component
+    is the one with the higher mean; `threshold` is where a sample becomes more likely to belong to it."""
+
+    threshold: float
+    separation: float  # Ashman's D = sqrt(2)|mu_hi - mu_lo| / sqrt(sd_hi^2 + sd_lo^2); above 2: cleanly split
+    share_high: float  # the related component's weight
+    means: tuple[float, float]
+    sds: tuple[float, float]
+
+    @property
+    def verdict(self) -> str:
+        if self.separation >= 2:
+            return "clean"
+        if self.separation >= 1.2:
+            return "partial"
+        return "weak"
+
+
+def two_component_split(x: np.ndarray, iters: int = 200) -> Split | None:
+    """Fit N(mu_lo, sd_lo) + N(mu_hi, sd_hi) to `x` by EM (started at the quartiles; deterministic) and return
+    the split; None with fewer than 8 distinct finite values."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) > 200_000:  # the fit needs the shape, not every row
+        x = np.random.default_rng(0).choice(x, 200_000, replace=False)
+    if len(np.unique(x[:100_000])) < 8:
+        return None
+    spread = float(x.std()) or 1.0
+    mu = np.percentile(x, [25, 75]).astype(np.float64)
+    sd = np.full(2, spread / 2)
+    w = np.array([0.5, 0.5])
+    floor = spread * 1e-3
+    for _ in range(iters):
+        logp = -0.5 * ((x[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(w)
+        logp -= logp.max(1, keepdims=True)
+        r = np.exp(logp)
+        r /= r.sum(1, keepdims=True)
+        nk = r.sum(0) + 1e-12
+        new = (r * x[:, None]).sum(0) / nk
+        sd = np.maximum(np.sqrt((r * (x[:, None] - new) ** 2).sum(0) / nk), floor)
+        w = nk / len(x)
+        done = np.allclose(new, mu, atol=spread * 1e-6)
+        mu = new
+        if done:
+            break
+    lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
+    grid = np.linspace(mu[lo], mu[hi], 512)
+    dens = [w[k] / sd[k] * np.exp(-0.5 * ((grid - mu[k]) / sd[k]) ** 2) for k in (lo, hi)]
+    above = np.flatnonzero(dens[1] >= dens[0])
+    threshold = float(grid[above[0]]) if len(above) else float((mu[lo] + mu[hi]) / 2)
+    d = float(np.sqrt(2) * abs(mu[hi] - mu[lo]) / np.sqrt(sd[hi] ** 2 + sd[lo] ** 2))
+    return Split(threshold, d, float(w[hi]), (float(mu[lo]), float(mu[hi])), (float(sd[lo]), float(sd[hi])))
+
+
+def related_split(x: np.ndarray, levels: int = 3) -> Split | None:
+    """The split the default selection takes its candidates from: the two-component fit, fitted again to the upper
+    side while that side holds more than half of the samples (at most `levels` fits). A crawl's unrelated data is
+    several populations, and the first fit may set only the most unlike one apart (rendered text, say) and call
+    the rest related; a task is rarely the majority of a pool it is searched in."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    best = None
+    for _ in range(levels):
+        split = two_component_split(x)
+        if split is None:
+            break
+        best = split
+        upper = x[x >= split.threshold]
+        if len(upper) <= len(x) / 2:
+            break
+        x = upper
+    return best

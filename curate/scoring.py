@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from curate.config import ScoreConfig
+from curate.config import ScoreConfig, parse_memory
 from curate.pool import Pool, error_schema, sample_schema
 from curate.scores import SCORES
 from curate.sources import RawSample, ReadError, Source, Unit, content_hash, uid_of
@@ -48,6 +49,8 @@ class ScoreResult:
     error_rate: float = 0.0
     error_rate_exceeded: bool = False
     failed_units: list[tuple[str, str, str]] = field(default_factory=list)  # (source, unit, reason)
+    batch_size: int = 0  # samples per forward pass, as given or chosen
+    batch_note: str = ""  # how it was chosen
 
     @property
     def rows(self) -> int:
@@ -185,6 +188,35 @@ class UnitRows:
                          "reason": [r for _, r in self.errors]}, schema=error_schema())  # fmt: skip
 
 
+AUTO_BATCH_MAX = 256  # the default batch's ceiling: larger brings little on a CPU and risks memory
+
+
+def bytes_per_sample(input_elems: int, largest: int, workers: int) -> int:
+    """Memory one sample of a batch takes in flight: its float32 input and normalised copy, about three live
+    activations of the teacher's largest layer output, and its uint8 pixels in the batches the decode
+    workers queue (4 each) and this process holds (2)."""
+    return 4 * (2 * input_elems + 3 * largest) + input_elems * (2 + 4 * workers)
+
+
+@contextmanager
+def activation_sizes(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Collects, during the forward passes of the block, every module output's elements per sample."""
+    sizes: list[int] = []
+
+    def hook(_module: Any, _inputs: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0]:
+            sizes.append(out.numel() // out.shape[0])
+
+    handles = []
+    with suppress(AttributeError, RuntimeError):  # a scripted module takes no Python hooks
+        handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        yield sizes
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class TeacherRunner:
     """The teacher on its device with the scoring hooks: uint8 pixels in, the pool's columns out.
     Both engines run units through it (the Ray engine in one actor per GPU)."""
@@ -205,13 +237,32 @@ class TeacherRunner:
         self.model = model
         self.normalize = Normalize(self.spec, self.device)
         self.use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        with torch.inference_mode():
+        with torch.inference_mode(), activation_sizes(self.teacher.model) as sizes:
             probe = self.scorer(self.normalize(torch.zeros(2, self.spec.channels, self.spec.size, self.spec.size)))
+        self.input_elems = self.spec.channels * self.spec.size * self.spec.size
+        self.largest_activation = max(sizes, default=0) or 8 * self.input_elems  # scripted models: no hooks
         self.embed_dim = probe.embedding.shape[1]
         logit_scores_ = [s.name for s in SCORES.values() if s.origin == "logits"]
         self.available = logit_scores_ + sorted(probe.hook_scores) + (["odin"] if cfg.odin else [])
         self.schema = sample_schema(len(self.teacher.classes), self.embed_dim, self.logits_kind, cfg.odin,
                                     self.scorer.bn_count)  # fmt: skip
+
+    def choose_batch(self, units: list[Unit], workers: int) -> tuple[int, str]:
+        """--batch-size, or the largest power of two up to AUTO_BATCH_MAX whose batches in flight fit --memory;
+        never more than the largest unit holds (a batch never spans units). Returns (batch, how)."""
+        biggest = max((u.size or 0 for u in units), default=0)
+        known = bool(units) and all(u.size for u in units)
+        if self.cfg.batch_size is not None:
+            if known and self.cfg.batch_size > biggest:
+                return biggest, f"--batch-size {self.cfg.batch_size:,} clamped to the largest unit"
+            return self.cfg.batch_size, "--batch-size"
+        budget = parse_memory(self.cfg.memory)
+        per_sample = bytes_per_sample(self.input_elems, self.largest_activation, workers)
+        fits = max(1, budget // per_sample)
+        batch = min(AUTO_BATCH_MAX, 1 << (fits.bit_length() - 1))
+        if known:
+            batch = min(batch, biggest)
+        return batch, f"auto: {per_sample / 2**20:.2f} MiB a sample in flight, --memory {self.cfg.memory}"
 
     def add(self, rows: UnitRows, chunk: dict[str, Any]) -> int:
         """Score one batch of a unit into `rows`; returns the number of samples scored."""

@@ -41,8 +41,12 @@ class SelectResult:
     seconds: float
 
 
+SELECTION_FILES = ("selection.parquet", "selection.json")
+
+
 def select(cfg: SelectConfig) -> SelectResult:
     t0 = time.perf_counter()
+    cfg.pool, cfg.out = storage.target(cfg.pool, "--pool"), storage.target(cfg.out, "--out")
     pool = Pool(cfg.pool)
     meta = pool.meta()
     storage.check_writable(cfg.out, "--out")
@@ -50,6 +54,7 @@ def select(cfg: SelectConfig) -> SelectResult:
         raise UserError(f"--out {cfg.out} is inside the pool; selections live beside it")
     if storage.isfile(cfg.out):
         raise UserError(f"--out {cfg.out} is a file; give a directory")
+    storage.check_only(cfg.out, SELECTION_FILES, "--out", "a selection")
     dedup = parse_dedup(cfg.dedup)
     strategy = STRATEGIES[cfg.strategy]
     con = connect(cfg.pool)
@@ -74,11 +79,13 @@ def select(cfg: SelectConfig) -> SelectResult:
             dedup_near(con, picked.uid, picked.score, dedup)  # fmt: skip
         removed = len(keep) - int(keep.sum())
         prob = None if picked.prob is None else picked.prob[keep]
-        picked = Picked(picked.uid[keep], picked.score[keep], weight[keep], prob, picked.short, picked.candidates)
+        picked = Picked(
+            picked.uid[keep], picked.score[keep], weight[keep], prob, picked.short, picked.candidates, picked.info
+        )
         weight = picked.weight
     table = _selection_table(con, picked, weight)
     short = {meta["classes"][c]: n for c, n in sorted(picked.short.items())}
-    summary = write_selection(cfg, table, meta, pool, candidates, short, removed)
+    summary = write_selection(cfg, table, meta, pool, candidates, short, removed, picked.info)
     return SelectResult(storage.redact(cfg.out), table.num_rows, candidates, summary["per_source"],
                         summary["per_class"], summary["rel_entropy"], short, removed,
                         time.perf_counter() - t0)  # fmt: skip
@@ -262,13 +269,15 @@ def embed_references(meta: dict[str, Any], specs: list[str], unit_norm: bool = T
 
 
 def write_selection(cfg: SelectConfig, table: pa.Table, meta: dict[str, Any], pool: Pool, candidates: int,
-                    short: dict[str, int], removed: int) -> dict[str, Any]:  # fmt: skip
+                    short: dict[str, int], removed: int, info: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:  # fmt: skip
     classes = meta["classes"]
     pred = table.column("pred").to_numpy()
     hist = np.bincount(pred.astype(np.int64), minlength=len(classes))
     sources, counts = np.unique(table.column("source").to_numpy(zero_copy_only=False), return_counts=True)
     summary: dict[str, Any] = {
         "pool": storage.redact(storage.absolute(pool.root)),
+        "pool_id": pool.identity(meta),
         "teacher_sha256": meta["teacher"]["sha256"],
         "classes": classes,
         "where": cfg.where,
@@ -285,6 +294,7 @@ def write_selection(cfg: SelectConfig, table: pa.Table, meta: dict[str, Any], po
         "per_class": {classes[i]: int(c) for i, c in enumerate(hist)},
         "rel_entropy": rel_entropy(hist),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(info or {}),  # what the strategy decided (related: its threshold and caps)
     }
     storage.makedirs(cfg.out)
     storage.write_parquet(storage.join(cfg.out, "selection.parquet"), table, tag="select")

@@ -5,6 +5,9 @@
     weighted        draw --n with probability ∝ softmax(score/τ) (or score^γ), with or without replacement
                     (Begon & Geurts 2022: preferential sampling by relatedness)
     balanced        --n in total, predicted classes equalised (water-filling when a class is short)
+    related         the default: --n by score among the samples that look related (above the threshold of a
+                    two-component fit of the score's distribution, refitted while above holds most), the best
+                    first, each predicted class held to 4x its share of them per tier; then the rest by score
     random          --n drawn uniformly without replacement (the blind-distillation baseline)
     near            kNN expansion from reference images through the pool's FAISS index, restricted to the
                     filtered uids; score = cosine similarity to the k-th nearest reference (deep kNN)
@@ -17,6 +20,7 @@ so a seed means the same selection on any machine. A new strategy is one functio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ class Picked:
     prob: np.ndarray | None = None  # sampling probability of a weighted draw
     short: dict[int, int] = field(default_factory=dict)  # class -> candidates, for classes short of K
     candidates: int | None = None  # the filtered samples with a score, when the strategy counted them
+    info: dict[str, Any] = field(default_factory=dict)  # what the strategy decided (selection.json)
 
 
 @dataclass
@@ -79,11 +84,18 @@ class Strategy:
     needs: tuple[str, ...] = ()  # config fields that must be given
     ordered: bool = False  # draws at random (candidates sorted by uid)
     scored: bool = True  # ranks by --score (near makes its own)
+    takes: tuple[str, ...] = ()  # further options of OPTIONS it uses; any other one given is refused
 
     def check(self, cfg: Any) -> None:
         for f in self.needs:
             if getattr(cfg, f) is None:
                 raise UserError(f"--strategy {self.name} needs --{f.replace('_', '-')}")
+        used = self.needs + self.takes
+        for f in dataclasses.fields(cfg):
+            if f.name in OPTIONS and f.name not in used and getattr(cfg, f.name) != f.default:
+                takes = ", ".join(f"--{u.replace('_', '-')}" for u in used) or "none of them"
+                raise UserError(f"--{f.name.replace('_', '-')} is not used by --strategy {self.name} (it takes "
+                                f"{takes}); drop it or choose the strategy that uses it")  # fmt: skip
         if self.name == "threshold" and (cfg.threshold is None) == (cfg.fraction is None):
             raise UserError("--strategy threshold needs exactly one of --threshold T or --fraction F")
         if self.name == "threshold" and cfg.fraction is not None and not 0 < cfg.fraction <= 1:
@@ -207,6 +219,77 @@ def _balanced(ctx: Context) -> Picked:
     return Picked(c["uid"][idx], c["score"][idx])
 
 
+SPREAD = 4  # a class may take this many times its proportional share before the next tier opens
+
+
+def related_caps(pred: np.ndarray, score: np.ndarray, threshold: float, n: int) -> dict[int, float]:
+    """Per predicted class, its cap per tier: SPREAD x its share of the n picks in proportion to its
+    related-looking samples (score >= threshold), SPREAD * n * m_c / M."""
+    classes, counts = np.unique(pred[score >= threshold], return_counts=True)
+    total = max(1, int(counts.sum()))
+    return {int(c): SPREAD * n * int(k) / total for c, k in zip(classes, counts, strict=True)}
+
+
+def related_order(pred: np.ndarray, score: np.ndarray, uid: np.ndarray, threshold: float, n: int) -> np.ndarray:
+    """Reference numpy form of the related strategy (indices of the picks, best first). Related-looking samples
+    first, in tiers: the j-th best of class c (j = 1, 2, ...) is in tier ceil(j / cap_c), so a class with a
+    cap of 3 fills tier 1 with its best 3 and a class with a cap of 0.25 enters at tier 4; by score inside a
+    tier. Then the rest, by score."""
+    caps = related_caps(pred, score, threshold, n)
+    order = np.lexsort((uid, -score, pred))
+    p = pred[order]
+    rank = np.arange(len(p)) - np.searchsorted(p, p, side="left") + 1
+    j = np.empty(len(p), np.int64)
+    j[order] = rank
+    cap = np.array([caps.get(int(c), 1.0) for c in pred])
+    below = score < threshold
+    tier = np.where(below, 0, np.ceil(j / cap - 1e-9))
+    return np.lexsort((uid, -score, tier, below))[:n]
+
+
+def _related(ctx: Context) -> Picked:
+    """The default recipe in DuckDB: the candidates once into a temporary table, the two-component fit on a
+    deterministic sample of their scores, then one window query for the tiers."""
+    from curate.scores import related_split
+
+    n = int(ctx.cfg.n)
+    score = f"({ctx.cfg.score})::DOUBLE"
+    where = f"{ctx.where} AND {score} IS NOT NULL" if ctx.where else f"WHERE {score} IS NOT NULL"
+    con = ctx.con
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _cand AS SELECT uid, pred, {score} AS score FROM samples {where}")
+    total = int(con.execute("SELECT count(*) FROM _cand").fetchall()[0][0])
+    if total == 0:
+        raise UserError("the filter leaves no samples with a score" if ctx.where else "the pool has no samples")
+    step = max(1, math.ceil(total / 200_000))
+    sample = con.execute(f"SELECT score FROM _cand WHERE hash(uid) % {step} = 0").fetchnumpy()["score"]
+    split = related_split(np.asarray(sample, np.float64))
+    threshold = split.threshold if split is not None else float("-inf")
+    lit = repr(threshold) if np.isfinite(threshold) else "'-infinity'::DOUBLE"
+    counts = con.execute(f"SELECT pred, count(*) FROM _cand WHERE score >= {lit} GROUP BY pred").fetchall()
+    related = sum(k for _, k in counts)
+    caps = {int(c): SPREAD * n * k / max(1, related) for c, k in counts}
+    con.register("_caps", {"pred": np.array(list(caps), np.int64), "cap": np.array(list(caps.values()), np.float64)})
+    t = con.sql(
+        f"SELECT uid, score FROM (SELECT c.uid, c.score, c.score < {lit} AS below, CASE WHEN c.score < {lit} THEN 0 "
+        "ELSE ceil(row_number() OVER (PARTITION BY c.pred ORDER BY c.score DESC, c.uid) / coalesce(k.cap, 1.0) - 1e-9)"
+        f" END AS tier FROM _cand c LEFT JOIN _caps k ON k.pred = c.pred) ORDER BY below, tier, score DESC, uid "
+        f"LIMIT {n}"
+    ).to_arrow_table()
+    con.unregister("_caps")
+    con.execute("DROP TABLE _cand")
+    picked = Picked(t.column("uid").to_numpy(), t.column("score").to_numpy().astype(np.float64), candidates=total)
+    picked.info = {"related": {
+        "threshold": None if split is None else round(threshold, 6),
+        "looks_related": related, "classes": len(caps), "filled_from_rest": max(0, min(n, total) - related),
+        "separation": None if split is None else round(split.separation, 3),
+        "split": "none" if split is None else split.verdict,
+        "rule": "candidates above the threshold of a two-component fit of the score (fitted again to the upper "
+                "side while it holds more than half); the j-th best of a class "
+                f"in tier ceil(j / cap), cap = {SPREAD} x n x the class's part of the related-looking "
+                "samples"}}  # fmt: skip
+    return picked
+
+
 def _random(ctx: Context) -> Picked:
     c = ctx.candidates(ordered=True, with_score=False)
     idx = np.sort(ctx.rng.choice(len(c["uid"]), min(ctx.cfg.n, len(c["uid"])), replace=False))
@@ -232,15 +315,17 @@ def _diverse(ctx: Context) -> Picked:
     return Picked(c["uid"][idx], c["score"][idx])
 
 
+OPTIONS = ("n", "per_class", "threshold", "fraction", "temperature", "gamma", "replace", "k", "nprobe", "clusters")
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("threshold", _threshold),
+        Strategy("related", _related, needs=("n",)),
+        Strategy("threshold", _threshold, takes=("threshold", "fraction")),
         Strategy("top-per-class", _top_per_class, needs=("per_class",)),
-        Strategy("weighted", _weighted, needs=("n",), ordered=True),
+        Strategy("weighted", _weighted, needs=("n",), ordered=True, takes=("temperature", "gamma", "replace")),
         Strategy("balanced", _balanced, needs=("n",), ordered=True),
         Strategy("random", _random, needs=("n",), ordered=True, scored=False),
-        Strategy("near", _near, needs=("n",), ordered=True, scored=False),
-        Strategy("diverse", _diverse, needs=("n",), ordered=True),
+        Strategy("near", _near, needs=("n",), ordered=True, scored=False, takes=("k", "nprobe")),
+        Strategy("diverse", _diverse, needs=("n",), ordered=True, takes=("clusters",)),
     )
 }

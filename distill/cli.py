@@ -1,13 +1,18 @@
 """`distill`: the typer layer over distill.train.train, distill.finetune.finetune and distill.evaluate.evaluate.
-Each command's options are its config's fields (distill/config.py). Results go to stdout, progress to stderr."""
+Each command's options are its config's fields (distill/config.py). Results go to stdout, progress to stderr; with
+--json stdout holds one JSON object, the command's result (kdcore.output)."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import typer
 
 from distill import config
 from kdcore.errors import run_app
 from kdcore.options import command
+from kdcore.output import console, jsonable
 
 app = typer.Typer(
     help="Train a student from WebDataset shards of teacher soft labels, and evaluate it.",
@@ -19,18 +24,22 @@ app = typer.Typer(
 
 
 def _print(text: str) -> None:
-    from rich.console import Console
-
-    Console().print(text, markup=False, highlight=False)
+    console().print(text, markup=False, highlight=False)
 
 
-def _train(cfg: config.TrainConfig) -> None:
+def _train(cfg: config.TrainConfig) -> dict[str, Any] | None:
     from distill.train import train
 
     res = train(cfg)
-    note = f" (resumed at step {res.resumed_from})" if res.resumed_from else ""
-    final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items() if k in ("accuracy", "agreement"))
-    _print(f"{res.steps} steps{note} in {res.seconds:.1f} s; {final or 'no --eval'} -> {res.out}/student.pt")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None  # under torchrun, rank 0 speaks for the run
+    return {**jsonable(res), "student": f"{res.out}/student.pt"}
+
+
+def _show_train(d: dict[str, Any]) -> None:
+    note = f" (resumed at step {d['resumed_from']})" if d["resumed_from"] else ""
+    final = ", ".join(f"{k} {v:.4f}" for k, v in d["final"].items() if k in ("accuracy", "agreement") and v is not None)
+    _print(f"{d['steps']} steps{note} in {d['seconds']:.1f} s; {final or 'no --eval'} -> {d['student']}")
 
 
 command(
@@ -53,16 +62,21 @@ Examples:
   distill train labelled/ --out runs/teacher --loss ce --labels true --epochs 10 --student cnn
   torchrun --nproc_per_node 2 -m distill train shards/ --out runs/ddp --steps 3000
 """,
+    show=_show_train,
 )
 
 
-def _finetune(cfg: config.FinetuneConfig) -> None:
+def _finetune(cfg: config.FinetuneConfig) -> dict[str, Any]:
     from distill.finetune import finetune
 
     res = finetune(cfg)
-    msg = f"{res['samples']} labelled samples, {cfg.steps} steps -> {res['out']}/student.pt"
-    if "accuracy" in res:
-        msg += f"; accuracy {res['accuracy_before']:.4f} -> {res['accuracy']:.4f}"
+    return jsonable({**res, "steps": cfg.steps, "student": f"{res['out']}/student.pt"})
+
+
+def _show_finetune(d: dict[str, Any]) -> None:
+    msg = f"{d['samples']} labelled samples, {d['steps']} steps -> {d['student']}"
+    if d.get("accuracy") is not None and d.get("accuracy_before") is not None:
+        msg += f"; accuracy {d['accuracy_before']:.4f} -> {d['accuracy']:.4f}"
     _print(msg)
 
 
@@ -79,19 +93,38 @@ Example:
   curate export --source 'few=folder:/data/labelled?labels=dirs' --out few-shards/
   distill finetune runs/s1 --data few-shards/ --per-class 10 --eval test-shards/
 """,
+    show=_show_finetune,
 )
 
 
-def _eval(cfg: config.EvalConfig) -> None:
+def _eval(cfg: config.EvalConfig) -> dict[str, Any]:
     from distill.evaluate import evaluate
 
-    res = evaluate(cfg)
-    if "accuracy" in res:
+    res = evaluate(cfg)  # the confusion matrix stays in the file evaluate writes
+    return jsonable({k: v for k, v in res.items() if k != "confusion"})
+
+
+def _show_eval(res: dict[str, Any]) -> None:
+    if res.get("accuracy") is not None:
         _print(f"accuracy {res['accuracy']:.4f} on {res['samples']:,} labelled samples")
-        worst = sorted(res["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
-        _print("weakest classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst))
-    if "agreement" in res:
+        worst = sorted(res.get("per_class_accuracy", {}).items(), key=lambda kv: kv[1] if kv[1] is not None else 1)[:3]
+        if worst:
+            _print("weakest classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst if v is not None))
+    if res.get("top5_accuracy") is not None:
+        _print(f"top-5 accuracy {res['top5_accuracy']:.4f}")
+    if res.get("note"):
+        _print(res["note"])
+    if res.get("agreement") is not None:
         _print(f"agreement with the teacher {res['agreement']:.4f} on {res['teacher_samples']:,} samples")
+    extra = [
+        f"{label} {res[k]:.4f}"
+        for k, label in (("top5_agreement", "top-5 agreement"), ("kl_to_teacher", "KL to the teacher"))
+        if res.get(k) is not None
+    ]
+    if extra:
+        _print(", ".join(extra))
+    if res.get("file"):
+        _print(f"-> {res['file']} (index: eval.json)")
 
 
 command(
@@ -99,13 +132,17 @@ command(
     config.EvalConfig,
     _eval,
     "eval",
-    """Accuracy against true labels (per class, confusion matrix) and
-agreement with the teacher's soft labels; writes eval.json and confusion.png into the run.
+    """Top-1/top-5 accuracy against true labels (per class, confusion
+matrix; a set holding some of the student's classes is evaluated on those), and top-1/top-5 agreement and
+KL with the teacher: its soft labels in the shards, or --teacher run here on the student's view (unlabelled
+shards, a folder of images). One result per data set: RUN/eval/NAME.json, indexed in RUN/eval.json.
 
 \b
-Example:
+Examples:
   distill eval runs/s1 --data eval-shards/
+  distill eval s3://bucket/runs/s1 --data photos/ --teacher work/demo/teacher/run
 """,
+    show=_show_eval,
 )
 
 

@@ -3,6 +3,7 @@ options and the pipeline's TOML keys are derived from these fields (kdcore.optio
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kdcore.errors import UserError
@@ -10,6 +11,23 @@ from kdcore.options import option
 
 PROGRESS = "the pipeline's own --progress"
 WORK = "the job's work directory"
+
+
+def check_numbers(cfg: object, *, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """The one check of numeric options (None: not given): > 0, >= 1, >= 0, in [0, 1]. Messages name the option."""
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for names, ok, rule in ((positive, lambda v: v > 0, "must be > 0"),
+                            (at_least_one, lambda v: v >= 1, "must be at least 1"),
+                            (non_negative, lambda v: v >= 0, "must be >= 0"),
+                            (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]")):  # fmt: skip
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and (value != value or not ok(value)):  # NaN fails every rule
+                raise UserError(f"{flag(name)} {rule}, got {value}")
 
 
 @dataclass
@@ -76,21 +94,14 @@ class TrainConfig:
             raise UserError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         if (self.steps is None) == (self.epochs is None):
             raise UserError("give exactly one of --steps N or --epochs N")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise UserError("--steps must be at least 1 and --epochs above 0")
-        for name in ("batch_size", "eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise UserError("--lr and --temperature must be > 0")
-        if not 0 <= self.alpha <= 1 or not 0 <= self.warmup < 1:
-            raise UserError("--alpha must be in [0, 1] and --warmup in [0, 1)")
-        if self.mixup < 0 or self.cutmix < 0 or self.crop < 0 or self.workers < 0 or self.shuffle_buffer < 0:
-            raise UserError("--mixup, --cutmix, --crop, --workers and --shuffle-buffer must be >= 0")
-        if not 0 < self.online_fraction <= 1:
-            raise UserError(f"--online-fraction must be in (0, 1], got {self.online_fraction}")
-        if self.topk_classes is not None and self.topk_classes < 1:
-            raise UserError("--topk-classes must be at least 1")
+        check_numbers(self, positive=("epochs", "lr", "temperature", "online_fraction"),
+                      at_least_one=("steps", "batch_size", "eval_every", "checkpoint_every", "log_every",
+                                    "topk_classes"),
+                      non_negative=("weight_decay", "mixup", "cutmix", "crop", "workers", "shuffle_buffer",
+                                    "feature_weight", "rkd_distance", "rkd_angle"),
+                      unit=("alpha", "online_fraction", "warmup"))  # fmt: skip
+        if self.warmup >= 1:
+            raise UserError(f"--warmup must be below 1 (a share of the steps), got {self.warmup}")
 
     @property
     def supervised(self) -> bool:
@@ -115,20 +126,23 @@ class FinetuneConfig:
     seed: int = option(0, "Seed of the labelled draw and of the batches.")
 
     def __post_init__(self) -> None:
-        for name in ("per_class", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        check_numbers(self, positive=("lr",), at_least_one=("per_class", "steps", "batch_size"), non_negative=("crop",))
 
 
 @dataclass
 class EvalConfig:
     run: str = option(help="Run directory (or a student.pt).", positional=True)
-    data: str = option(help="Labelled shards (directory, brace pattern or URLs).")
+    data: str = option(help="Shards (directory, brace pattern or URLs) with true labels or teacher soft labels; with "
+                       "--teacher also unlabelled shards or a folder of images.")  # fmt: skip
     manifest: str | None = option(None, "The shards' manifest.json, when it is not beside them (pipe: shards).")
+    teacher: str | None = option(None, "A teacher spec (as for 'curate score') run here on the student's own view of "
+                                 "each image: agreement with it, on any data.")  # fmt: skip
+    name: str | None = option(None, "Name of this result in the run (RUN/eval/NAME.json); default: the data's name.")
     device: str = option("auto", "auto, cpu or cuda.")
     batch_size: int = option(512, "Samples per batch.")
     workers: int = option(2, "Loader worker processes.")
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0:
-            raise UserError("--batch-size must be at least 1 and --workers at least 0")
+        check_numbers(self, at_least_one=("batch_size",), non_negative=("workers",))
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", self.name):
+            raise UserError(f"--name must be letters, digits, '.', '_' or '-' (at most 80), got {self.name!r}")

@@ -55,6 +55,9 @@ class Shards:
 def open_shards(spec: str, manifest: str | None = None, need_classes: bool = True) -> Shards:
     """A shard directory (its manifest.json), or a brace pattern / glob of tar paths or URLs (pipe: too) with
     `manifest` (default: the manifest.json beside the first tar)."""
+    if manifest is not None and storage.scheme(manifest) != "pipe" and not storage.isfile(manifest):
+        raise UserError(f"--manifest {storage.redact(manifest)}: manifest file not found; give the manifest.json "
+                        "'curate export' wrote beside the shards")  # fmt: skip
     if storage.scheme(spec) != "pipe" and "{" not in spec and "*" not in spec and storage.isdir(spec):
         mpath = manifest or storage.join(spec, "manifest.json")
         if not storage.isfile(mpath):

@@ -10,7 +10,6 @@ AdamW with a cosine schedule from `lr`. The result is a new run directory with `
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,10 +18,12 @@ import torch
 from distill.augment import AugmentConfig, augment
 from distill.config import FinetuneConfig
 from distill.data import loader, open_shards
-from distill.evaluate import evaluate_model
+from distill.evaluate import evaluate_model, load_run, run_folder
 from distill.metrics import write_json
-from distill.models import load, save_checkpoint
+from distill.models import LoadedModel, save_checkpoint
+from distill.rundir import RunDir
 from distill.train import FitConfig, fit_arrays
+from kdcore import storage
 from kdcore.errors import UserError
 from kdcore.tensors import Normalize, resolve_device
 
@@ -52,17 +53,21 @@ def labelled_subset(data: str, spec, num_classes: int, per_class: int, seed: int
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    run = Path(cfg.run)
-    out = Path(cfg.out) if cfg.out else (run if run.is_dir() else run.parent) / "finetune"
+    student = load_run(cfg.run)
+    out_url = cfg.out if cfg.out is not None else storage.join(run_folder(cfg.run), "finetune")
+    with RunDir(out_url) as out:
+        return _finetune(cfg, student, out)
+
+
+def _finetune(cfg: FinetuneConfig, student: LoadedModel, out: RunDir) -> dict[str, Any]:
     device = resolve_device(cfg.device)
-    student = load(cfg.run)
     if student.factory is None:
         raise UserError(f"{cfg.run} is not a student checkpoint with a factory; fine-tune a 'distill train' run")
     spec, classes = student.input, student.classes
     x, y = labelled_subset(cfg.data, spec, len(classes), cfg.per_class, cfg.seed)
     model = student.model.to(device)
     eval_shards = open_shards(cfg.eval) if cfg.eval else None
-    result: dict[str, Any] = {"samples": len(y), "per_class": cfg.per_class, "out": str(out)}
+    result: dict[str, Any] = {"samples": len(y), "per_class": cfg.per_class, "out": storage.redact(out.url)}
     if eval_shards is not None:
         result["accuracy_before"] = evaluate_model(model, eval_shards, device, spec, workers=0)["accuracy"]
     normalize = Normalize(spec, device)
@@ -73,11 +78,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         view=lambda b: normalize(augment(b.float().div(255), aug)[0], scaled=True),
                         freeze_bn=cfg.freeze_bn)  # fmt: skip
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
+    out.make()
     if eval_shards is not None:
         result["accuracy"] = evaluate_model(model, eval_shards, device, spec, workers=0)["accuracy"]
     result["loss_first"], result["loss_last"] = losses[0], float(np.mean(losses[-10:]))
     save_checkpoint(out / "student.pt", model.cpu(), student.factory, student.kwargs, classes, spec,
                     extra={"finetune": {**asdict(cfg), "from": student.fingerprint}})  # fmt: skip
     write_json(out / "finetune.json", result)
+    out.push("student.pt", "finetune.json")
     return result

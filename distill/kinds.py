@@ -17,10 +17,15 @@ and their embedding is the logits (or, for ONNX, the output named by `embedding=
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import importlib.util
 import json
+import pickle
+import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +35,14 @@ import torch
 from torch import nn
 
 from distill.zoo import call, torchvision_model, trusted_factory
+from kdcore import storage
 from kdcore.errors import UserError
 from kdcore.specs import parse_value
 from kdcore.view import InputSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"  # weights=random: an untrained network, on purpose
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Built:
     files: list[str] = field(default_factory=list)
     classes: list[str] | None = None  # names the model itself carries (hf's id2label)
     fingerprint: str | None = None  # for models without a state_dict (ONNX): the file's hash
+    states_norm: bool = True  # False: default_input's mean/std are a guess (the model records none)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ def _torchvision(location: str, opts: dict[str, str], weights: str | None, pre: 
     kwargs: dict[str, Any] = {"arch": location, **{k: parse_value(v) for k, v in opts.items()}}
     if "in_channels" not in kwargs and "channels" in pre:
         kwargs["in_channels"] = int(number(pre["channels"], "channels"))
+    integers(kwargs, "num_classes", "in_channels")
+    weights = required_weights(f"torchvision:{location}", weights)
     ckpt = read_checkpoint(weights) if weights else None
     if "num_classes" not in kwargs and ckpt is not None and ckpt.get("classes"):
         kwargs["num_classes"] = len(ckpt["classes"])
@@ -105,6 +115,8 @@ def _timm(location: str, opts: dict[str, str], weights: str | None, pre: dict[st
     kwargs: dict[str, Any] = {k: parse_value(v) for k, v in opts.items()}
     if "in_chans" not in kwargs and "channels" in pre:
         kwargs["in_chans"] = int(number(pre["channels"], "channels"))
+    integers(kwargs, "num_classes", "in_chans")
+    weights = required_weights(f"timm:{location}", weights)
     ckpt = read_checkpoint(weights) if weights else None
     model = call(f"timm:{location}", lambda **kw: timm.create_model(location, pretrained=False, **kw), kwargs)
     if ckpt is not None:
@@ -146,7 +158,7 @@ def _hf(location: str, opts: dict[str, str], weights: str | None, pre: dict[str,
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load hf:{location}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot load hf:{location}: {first_line(e)[:200]}") from None
     labels = getattr(model.config, "id2label", None) or {}
     classes = [str(labels[i]) for i in sorted(labels, key=int)] if labels else None
     default = None
@@ -168,7 +180,7 @@ def _torchscript(location: str, opts: dict[str, str], weights: str | None, pre: 
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure here is a bad file
-        raise UserError(f"cannot load torchscript file {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load torchscript file {path}: {first_line(e)}") from None
     return Built(model, opaque=True, files=[str(path)])
 
 
@@ -193,7 +205,7 @@ def _export(location: str, opts: dict[str, str], weights: str | None, pre: dict[
     try:
         model = ExportedModule(torch.export.load(str(path)).module())
     except Exception as e:  # noqa: BLE001 - any failure here is a bad file
-        raise UserError(f"cannot load torch.export file {path}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot load torch.export file {path}: {first_line(e)[:200]}") from None
     return Built(model, opaque=True, files=[str(path)])
 
 
@@ -208,7 +220,7 @@ class OnnxModule(nn.Module):
         try:
             self.session = ort.InferenceSession(path, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for bad files
-            raise UserError(f"cannot load onnx:{path}: {str(e).splitlines()[0][:200]}") from None
+            raise UserError(f"cannot load onnx:{path}: {first_line(e)[:200]}") from None
         self.input = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         if embedding is not None and embedding not in outputs:
@@ -236,7 +248,7 @@ def _onnx(location: str, opts: dict[str, str], weights: str | None, pre: dict[st
     if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:]) and shape[2] == shape[3]:
         default = InputSpec(int(shape[2]), int(shape[1]), (0.5,), (0.5,))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Built(model, default_input=default, opaque=True, files=[str(path)], fingerprint=digest)
+    return Built(model, default_input=default, opaque=True, files=[str(path)], fingerprint=digest, states_norm=False)
 
 
 def _python_files(location: str) -> list[str]:
@@ -256,6 +268,7 @@ def _python(location: str, opts: dict[str, str], weights: str | None, pre: dict[
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot import factory {location!r}: {e}") from None
     model = call(location, factory_fn, kwargs)
+    weights = None if weights == RANDOM else weights
     ckpt = read_checkpoint(weights) if weights else None
     if ckpt is not None:
         load_state(model, ckpt, weights)
@@ -265,10 +278,13 @@ def _python(location: str, opts: dict[str, str], weights: str | None, pre: dict[
 def checkpoint(location: str, opts: dict[str, str], weights: str | None, pre: dict[str, str]) -> Built:
     """A student.pt (or a run directory holding one) written by distill train / finetune."""
     no_options("a checkpoint", opts)
-    path = Path(location)
-    if path.is_dir():
-        path = path / "student.pt"
-    ckpt = read_checkpoint(str(path))
+    if storage.is_local(location):
+        if Path(location).is_dir():
+            location = str(Path(location) / "student.pt")
+    elif not location.endswith((".pt", ".pth")) and storage.isdir(location):
+        location = storage.join(location, "student.pt")
+    path = storage.redact(location)
+    ckpt = read_checkpoint(location)
     if "factory" not in ckpt:
         raise UserError(f"{path} has no 'factory' entry; load a bare state_dict with "
                         "torchvision:ARCH?weights=PATH or python:MODULE:FACTORY?weights=PATH")  # fmt: skip
@@ -277,8 +293,8 @@ def checkpoint(location: str, opts: dict[str, str], weights: str | None, pre: di
     if not all(isinstance(k, str) and isinstance(v, (int, float, str, bool, type(None))) for k, v in kwargs.items()):
         raise UserError(f"{path}: the checkpoint's kwargs are not plain values")
     model = call(factory, trusted_factory(factory, f"checkpoint {path}"), kwargs)
-    load_state(model, ckpt, str(path))
-    return Built(model, factory, kwargs, ckpt, files=[str(path)])
+    load_state(model, ckpt, path)
+    return Built(model, factory, kwargs, ckpt, files=[location])
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -305,10 +321,34 @@ def no_options(kind: str, opts: dict[str, str]) -> None:
 
 
 def existing(path: str, what: str) -> Path:
-    p = Path(path)
+    """A local file: the path itself, or, for a URL (s3://, gs://, http(s)://), a copy fetched once into a
+    temporary folder that is removed when the process ends."""
+    if not storage.is_local(path):
+        return _fetched(path, what)
+    p = storage.local(path)
     if not p.is_file():
         raise UserError(f"{what} not found: {path}")
     return p
+
+
+_FETCHED: dict[str, Path] = {}
+
+
+def _fetched(url: str, what: str) -> Path:
+    if url in _FETCHED and _FETCHED[url].is_file():
+        return _FETCHED[url]
+    if storage.scheme(url) == "pipe" or not storage.isfile(url):
+        raise UserError(f"{what} not found: {storage.redact(url)}")
+    folder = Path(tempfile.mkdtemp(prefix="kdcurate-teacher-"))
+    atexit.register(shutil.rmtree, folder, True)
+    dest = folder / (storage.name(url) or "file")
+    try:
+        with storage.open_read(url) as src, open(dest, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {storage.redact(url)}") from None
+    _FETCHED[url] = dest
+    return dest
 
 
 def number(v: Any, name: str) -> float:
@@ -318,24 +358,69 @@ def number(v: Any, name: str) -> float:
         raise UserError(f"teacher spec: {name}= needs a number, got {v!r}") from None
 
 
+def integers(kwargs: dict[str, Any], *names: str) -> None:
+    """Options that must be positive integers (num_classes=ten is refused here, not deep inside a constructor)."""
+    for name in names:
+        v = kwargs.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"teacher spec: {name} must be an integer of at least 1, got {name}={v}")
+
+
+def required_weights(kind: str, weights: str | None) -> str | None:
+    """The weights= of an architecture spec: a file, or 'random' said explicitly (None is returned then)."""
+    if weights is None:
+        raise UserError(f"{kind} names an architecture without weights: give weights=PATH (a state_dict or "
+                        f"checkpoint), or weights={RANDOM} to use an untrained network on purpose")  # fmt: skip
+    return None if weights == RANDOM else weights
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+          b"RIFF": "a RIFF file (WebP?)", b"BM": "a BMP image", b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip file",
+          b"{": "JSON or text"}  # fmt: skip
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """A checkpoint or state_dict, loaded with weights_only=True (safetensors files too)."""
+    """A checkpoint or state_dict, loaded with weights_only=True (safetensors files too). A file that is not
+    one (empty, truncated, an image, a pickle of arbitrary objects) is one line naming what is wrong."""
     p = existing(path, "weights file")
+    shown = storage.redact(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return {"state_dict": load_file(str(p))}
+        try:
+            return {"state_dict": load_file(str(p))}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for bad files
+            raise UserError(f"{shown} is not a valid safetensors file ({first_line(e)[:120]})") from None
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise UserError(f"{shown} is empty (0 bytes): not a checkpoint; give the file torch.save wrote")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        kind = next((v for k, v in _MAGIC.items() if head.startswith(k)), "not a PyTorch checkpoint")
+        raise UserError(f"{shown} is {kind}, not a checkpoint: give a file written by torch.save (a state_dict "
+                        "or a checkpoint dict)")  # fmt: skip
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling failures come in many types
-        raise UserError(f"cannot load {p} with weights_only=True ({str(e).splitlines()[0][:200]}); "
-                        "save a state_dict or a checkpoint of plain data") from None  # fmt: skip
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{shown} holds objects other than tensors and plain data{what}, which are never "
+                        "unpickled here; save the model's state_dict (torch.save(model.state_dict(), PATH))"
+                        ) from None  # fmt: skip
+    except Exception:  # noqa: BLE001 - a cut or corrupted archive fails in many ways
+        raise UserError(f"{shown} is truncated or corrupted (not a complete torch.save archive); copy or save it "
+                        "again") from None  # fmt: skip
     if not isinstance(obj, dict):
-        raise UserError(f"{p} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+        raise UserError(f"{shown} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     if "state_dict" not in obj:
         obj = {"state_dict": obj}
     if not isinstance(obj["state_dict"], dict):
-        raise UserError(f"{p}: its state_dict is a {type(obj['state_dict']).__name__}, not a dict of tensors")
+        raise UserError(f"{shown}: its state_dict is a {type(obj['state_dict']).__name__}, not a dict of tensors")
     return obj
 
 

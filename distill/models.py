@@ -23,10 +23,12 @@ from torch import nn
 from distill.kinds import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RANDOM,
     TEACHER_KINDS,
     Built,
     checkpoint,
     existing,
+    first_line,
     number,
     register_kind,
     usage,
@@ -43,6 +45,8 @@ __all__ = [
     "state_fingerprint", "torchvision_model", "trusted_factory",
 ]  # fmt: skip
 PREPROCESS_KEYS = ("size", "channels", "mean", "std")
+MANY_CLASSES = 100  # a teacher with this many outputs and no names is noted once
+KNOWN_CLASSES = {"imagenet": "imagenet.txt", "cifar10": "cifar10.txt", "cifar100": "cifar100.txt"}
 
 
 @dataclass
@@ -98,7 +102,7 @@ def load(spec: str) -> LoadedModel:
     kind_name, sep, location = head.partition(":")
     if sep and kind_name in TEACHER_KINDS:
         built = TEACHER_KINDS[kind_name].build(location, opts, weights, pre)
-    elif Path(head).exists() or head.endswith((".pt", ".pth")):
+    elif Path(head).exists() or head.endswith((".pt", ".pth")) or storage.scheme(head) not in ("", "pipe"):
         if weights:
             raise UserError(f"{head}: a checkpoint holds its weights; weights= is for the other spec kinds")
         built = checkpoint(head, opts, None, pre)
@@ -111,7 +115,7 @@ def spec_files(spec: str) -> list[str]:
     """Every file a teacher spec reads (weights, TorchScript, ONNX or export file, factory module, hf directory,
     checkpoint, classes file), for fingerprints that follow the teacher's content; nothing is built."""
     head, opts = split_options(spec.strip(), f"teacher spec {storage.redact(spec)!r}")
-    files = [opts["weights"]] if "weights" in opts else []
+    files = [opts["weights"]] if opts.get("weights", RANDOM) != RANDOM else []
     if opts.get("classes", "").startswith("@"):
         files.append(opts["classes"][1:])
     kind_name, sep, location = head.partition(":")
@@ -130,14 +134,15 @@ def _finish(built: Built, spec: str, pre: dict[str, str], classes_opt: str | Non
     model.eval()
     recorded = (built.checkpoint or {}).get("input")
     base = InputSpec.from_dict(recorded) if recorded else built.default_input
+    guessed = base is not None and not built.states_norm  # its mean/std are not known: say what is assumed
     if base is None and not {"size", "channels"} <= set(pre):
         raise UserError(f"teacher {storage.redact(spec)!r} records no input preprocessing: add size=N&channels=1|3 "
                         "(and mean=, std=)")  # fmt: skip
     size = int(number(pre.get("size", base.size if base else 0), "size"))
     channels = int(number(pre.get("channels", base.channels if base else 0), "channels"))
-    mean = _floats(pre["mean"]) if "mean" in pre else (base.mean if base else None)
-    std = _floats(pre["std"]) if "std" in pre else (base.std if base else None)
-    if base and channels != base.channels and "mean" not in pre:
+    mean = _floats(pre["mean"]) if "mean" in pre else (base.mean if base and not guessed else None)
+    std = _floats(pre["std"]) if "std" in pre else (base.std if base and not guessed else None)
+    if base and not guessed and channels != base.channels and "mean" not in pre:
         mean, std = (base.mean[0],), (base.std[0],)
     notes = []
     if mean is None or std is None:
@@ -157,8 +162,12 @@ def _finish(built: Built, spec: str, pre: dict[str, str], classes_opt: str | Non
                 outputs = model(torch.zeros(1, channels, size, size)).shape[-1]
             except Exception as e:  # noqa: BLE001 - a model that cannot take its own input spec is a user error
                 raise UserError(f"teacher {storage.redact(spec)} fails on a {channels}×{size}×{size} input: "
-                                f"{str(e).splitlines()[0][:200]}; check size= and channels=") from None  # fmt: skip
+                                f"{first_line(e)[:200]}; check size= and channels=") from None  # fmt: skip
         classes = _class_names(classes_opt, files) if classes_opt else [str(i) for i in range(outputs)]
+        if not classes_opt and outputs >= MANY_CLASSES:
+            notes.append(f"teacher {storage.redact(spec)} has {outputs} outputs and no class names: they are labelled "
+                         f"0..{outputs - 1}; name them with classes=@FILE (one per line) or a known list "
+                         f"({', '.join(KNOWN_CLASSES)}), e.g. classes=imagenet")  # fmt: skip
         if classes_opt and len(classes) != outputs:
             raise UserError(f"teacher {storage.redact(spec)}: {len(classes)} class names for {outputs} outputs; "
                             "give one name per output (classes=a,b,c or classes=@FILE, one per line)")  # fmt: skip
@@ -171,8 +180,18 @@ def _finish(built: Built, spec: str, pre: dict[str, str], classes_opt: str | Non
                        files, notes)  # fmt: skip
 
 
+def known_classes(name: str) -> list[str]:
+    """A class list shipped with the package (distill/classes/NAME.txt), in the order its models output them."""
+    from importlib.resources import files
+
+    text = files("distill").joinpath("classes", KNOWN_CLASSES[name]).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _class_names(opt: str, files: list[str]) -> list[str]:
-    if opt.startswith("@"):
+    if opt in KNOWN_CLASSES:
+        names = known_classes(opt)
+    elif opt.startswith("@"):
         path = existing(opt[1:], "classes file")
         files.append(str(path))
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]

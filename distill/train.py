@@ -30,11 +30,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from distill.augment import AugmentConfig, augment
 from distill.config import TrainConfig
 from distill.data import Shards, loader, open_shards
-from distill.evaluate import evaluate_model
+from distill.evaluate import evaluate_model, save_result
+from distill.kinds import first_line
 from distill.losses import TERMS, Features, LossConfig, active_terms, combine, projection
 from distill.metrics import append_metrics, plot_curves, read_metrics, write_json
 from distill.models import build, load, save_checkpoint
 from distill.online import OnlineTeacher, Tap, to_view
+from distill.rundir import RunDir
 from kdcore import progress, storage
 from kdcore.errors import UserError
 from kdcore.tensors import Normalize, resolve_device
@@ -122,16 +124,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: float) -> TrainResult:
+    with RunDir(cfg.out) as run:
+        return _train_in(cfg, run, rank, world, device, t0)
+
+
+def _train_in(cfg: TrainConfig, run: RunDir, rank: int, world: int, device: torch.device, t0: float) -> TrainResult:
     shards = open_shards(cfg.shards, cfg.manifest)
     _check(cfg, shards)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a run directory")
+    shown = storage.redact(run.url)
+    has_run = run.exists("checkpoint.pt")
+    if has_run and not cfg.resume:
+        raise UserError(f"{shown} holds a run already; pass --resume to continue it, or choose another --out")
+    if cfg.resume and not has_run:
+        raise UserError(f"--resume: there is no run to resume in {shown} (no checkpoint.pt); drop --resume to start "
+                        "a new run there")  # fmt: skip
+    out = run.root
     ckpt_path = out / "checkpoint.pt"
-    if rank == 0:
-        if ckpt_path.exists() and not cfg.resume:
-            raise UserError(f"{out} holds a run already; pass --resume to continue it, or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+    run.make()
+    if cfg.resume:
+        run.pull("checkpoint.pt", *(("metrics.jsonl",) if rank == 0 else ()))
     per_step = cfg.batch_size * world
     steps = cfg.steps or math.ceil((cfg.epochs or 1) * shards.count / per_step)
     torch.manual_seed(cfg.seed)
@@ -153,14 +164,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     step, epoch = 0, 0
-    if cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if cfg.resume:
+        state = _load_state(ckpt_path, shown)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise UserError(
-                f"--resume: the checkpoint in {out} is not a {cfg.student} for these shards "
-                f"({str(e).splitlines()[0][:120]}); resume with the run's own --student"
+                f"--resume: the checkpoint in {shown} is not a {cfg.student} for these shards "
+                f"({first_line(e)[:120]}); resume with the run's own --student"
             ) from None
         if proj is not None:
             proj.load_state_dict(state["proj"])
@@ -176,6 +187,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                                          "soft_label_teacher": shards.manifest.get("teacher"), "factory": factory,
                                          "kwargs": kwargs})  # fmt: skip
         _truncate_metrics(out / "metrics.jsonl", step)
+        run.push("config.json", "metrics.jsonl")
     ddp = DDP(model) if world > 1 else model
     eval_shards = _eval_shards(cfg.eval, shards) if cfg.eval else None
     normalize = Normalize(spec, device)
@@ -254,6 +266,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                     _average_buffers(model, world)  # BatchNorm statistics of every rank's data, not rank 0's
                 if rank == 0:
                     _save_state(ckpt_path, model, opt, sched, step, epoch + seen // epoch_size, proj)
+                    run.push("metrics.jsonl", "checkpoint.pt")  # the metrics first: a resume truncates them
                 if world > 1:
                     dist.barrier()
     if rank == 0:
@@ -261,8 +274,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, t0: fl
                         extra={"run": {"steps": step, "loss": cfg.loss, "shards": storage.redact(cfg.shards),
                                        "teacher": cfg.teacher or shards.manifest.get("teacher")}})  # fmt: skip
         plot_curves(out / "metrics.jsonl", out / "curves.png")
+        run.push("metrics.jsonl", "curves.png", "student.pt")
+        if final and eval_shards is not None:
+            save_result(run.url, final, cfg.eval, classes=eval_shards.classes)
     checked = {} if view_check is None else {"online_view_agreement": view_check}
-    return TrainResult(str(out), step, resumed_from, {**_scalars(final), **checked}, time.perf_counter() - t0)
+    return TrainResult(shown, step, resumed_from, {**_scalars(final), **checked}, time.perf_counter() - t0)
 
 
 def _eval_shards(spec: str, shards: Shards) -> Shards | None:
@@ -363,7 +379,7 @@ def _init_from(model: nn.Module, spec: str) -> None:
     try:
         model.load_state_dict(src.state_dict())
     except RuntimeError as e:
-        raise UserError(f"--init {spec} does not fit --student: {str(e).splitlines()[0]}") from None
+        raise UserError(f"--init {spec} does not fit --student: {first_line(e)}") from None
 
 
 def _save_state(path: Path, model, opt, sched, step: int, epoch: int, proj: nn.Module | None = None) -> None:
@@ -371,6 +387,14 @@ def _save_state(path: Path, model, opt, sched, step: int, epoch: int, proj: nn.M
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "step": step, "epoch": epoch, "rng": torch.get_rng_state(),
                     **({"proj": proj.state_dict()} if proj is not None else {})}, tmp)  # fmt: skip
+
+
+def _load_state(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a cut or foreign file fails in many ways
+        raise UserError(f"--resume: the checkpoint.pt in {shown} is not readable (cut or foreign); remove it to start "
+                        "over, or choose another --out") from None  # fmt: skip
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

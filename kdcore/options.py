@@ -7,13 +7,16 @@ and the pipeline's TOML keys are derived from the fields.
     show_progress: bool = option(True, "Show progress bars.", cli_name="progress", toml_reason="pipeline --progress")
 
 A field with `cli_reason` is not a CLI option and one with `toml_reason` is not a TOML key; the reason says
-where its value comes from instead (tests check that every other field is reachable from both).
+where its value comes from instead (tests check that every other field is reachable from both). Every command
+also gets --json (kdcore.output). Messages name options as CLI flags (`--per-class`); `job_words` says the same
+in a job's words (`[select] per-class`), so one check serves both front ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -103,17 +106,32 @@ def cli_params(cls: type) -> list[inspect.Parameter]:
     return params
 
 
-def command(app: Any, cls: type, run: Callable[[Any], None], name: str | None = None, doc: str = "") -> None:
-    """Register `name` on a typer app: its options are `cls`'s CLI fields; it builds `cls` and calls `run`."""
-    params = cli_params(cls)
+def json_param() -> inspect.Parameter:
+    """--json, which every command has: its result as one JSON object on stdout (kdcore.output)."""
+    import typer
+
+    info = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (logs stay on stderr).")
+    return inspect.Parameter("json_", inspect.Parameter.KEYWORD_ONLY, default=info, annotation=bool)
+
+
+def command(app: Any, cls: type, run: Callable[..., dict[str, Any] | None], name: str | None = None, doc: str = "",
+            show: Callable[[dict[str, Any]], None] | None = None, json_aware: bool = False) -> None:  # fmt: skip
+    """Register `name` on a typer app: its options are `cls`'s CLI fields and --json; it builds `cls`, calls `run`
+    (which returns the result dict) and hands the result to `show` for people, or prints it as JSON. A
+    `json_aware` run is called as run(cfg, as_json) and may write its JSON itself (kdcore.output.results)."""
+    from kdcore import output
+
+    params = [*cli_params(cls), json_param()]
     names = {cli_name(f): f.name for f in fields(cls)}
 
     def cmd(**kwargs: Any) -> None:
+        as_json = kwargs.pop("json_")
         values = {names[k]: v for k, v in kwargs.items()}
         for f in fields(cls):
             if isinstance(_default(f), list) and values.get(f.name) is None and f.name in values:
                 values[f.name] = []
-        run(cls(**values))
+        cfg = cls(**values)
+        output.deliver(lambda: run(cfg, as_json) if json_aware else run(cfg), show, as_json)
 
     cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     cmd.__annotations__ = {p.name: p.annotation for p in params}
@@ -180,4 +198,33 @@ def from_table(cls: type, table: dict[str, Any], where: str, section: str, line:
     try:
         return cls(**values, **fixed)
     except UserError as e:
-        raise UserError(f"{where} [{section}]: {e}") from None
+        text, key = job_words(str(e), section, cls)
+        if key is None:
+            raise UserError(f"{where} [{section}]: {text}") from None
+        given = next((k for k in table if k.replace("-", "_") == key.replace("-", "_")), None)
+        at = f"{where} line {line(given or key)}" if line else where
+        raise UserError(f"{at}: {text}") from None
+
+
+_FLAG = re.compile(r"(?<![\w-])--(no-)?([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
+
+
+def job_words(text: str, section: str, cls: type | None = None, extra: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """A message written in CLI words, in a job's words: every --flag of a field the job's [section] sets (or of
+    an `extra` key of that table) becomes `[section] key`. Returns the text and the first key it names (None
+    when it names none). Flags of fields a job does not set (paths the job supplies) are left as they are."""
+    keys = {k.replace("_", "-"): k.replace("_", "-") for k in extra}
+    if cls is not None:
+        for f in fields(cls):
+            if not f.metadata.get("toml_reason"):
+                keys.setdefault(cli_name(f).replace("_", "-"), f.name.replace("_", "-"))
+    named: list[str] = []
+
+    def render(m: re.Match) -> str:
+        key = keys.get(m.group(2))
+        if key is None:
+            return m.group(0)
+        named.append(key)
+        return f"[{section}] {key}" + (" = false" if m.group(1) else "")
+
+    return _FLAG.sub(render, text), (named[0] if named else None)

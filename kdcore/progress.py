@@ -1,14 +1,14 @@
-"""Progress bars (rich) for long work, on stderr so stdout stays clean for results."""
+"""Progress bars (rich) for long work, on stderr so stdout stays clean for results (and for --json). Off a
+terminal (a log file) a bar is written once, when it ends, at its full width (kdcore.output.console)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-stderr = Console(stderr=True)
+from kdcore.output import console
 
 
 @contextmanager
@@ -28,7 +28,7 @@ def bar(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=stderr, transient=False) as prog:
+    with Progress(*columns, console=console(stderr=True), transient=False) as prog:
         task = prog.add_task(description, total=total, completed=start, note="")
 
         def advance(n: int = 1, note: str = "") -> None:

@@ -101,6 +101,31 @@ def inside(url: str, root: str) -> bool:
     return a.startswith(b)
 
 
+def target(url: str, what: str = "--out") -> str:
+    """A location given by a user to write to (or to read a pool from), normalised (whitespace and trailing
+    slashes stripped); a UserError for an empty one, the filesystem root, or a bucket's root. An unset shell
+    variable (`--pool "$POOL"`) or a stray slash must never turn into a write over `/` or a whole bucket."""
+    text = os.fspath(url) if url is not None else ""
+    text = text.strip()
+    if not text:
+        raise UserError(f"{what} is empty: give a folder (an unset shell variable?)")
+    s = scheme(text)
+    if s == "pipe":
+        raise UserError(f"{what} {text[:200]}: pipe: can only be read, not written; give a folder")
+    if not s:
+        resolved = local(text).resolve()
+        if not str(local(text)).strip() or resolved == Path(resolved.anchor):
+            raise UserError(f"{what} {text} is the filesystem root; give a folder under it, e.g. /data/pool")
+        return text.rstrip("/")
+    rest = text.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise UserError(f"{what} {redact(text)} names no bucket; give {s}://BUCKET/FOLDER")
+    if not key.strip("/"):
+        raise UserError(f"{what} {redact(text)} is a bucket's root; give a folder in it, e.g. {s}://{bucket}/pool")
+    return text.rstrip("/")
+
+
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for a remote URL; a missing driver or scheme is a UserError."""
     url = os.fspath(url)
@@ -131,7 +156,19 @@ def _remote_error(url: str, e: Exception, writing: bool = False) -> UserError:
         return UserError(f"not found: {redact(url)}")
     if isinstance(e, PermissionError):
         return UserError(f"access denied to {redact(url)}: {text[:200]}")
+    if isinstance(getattr(e, "os_error", e), ConnectionRefusedError):
+        return UserError(f"connection refused by {redact(url)}: is the server running, and the address right?")
     return UserError(f"storage error on {redact(url)}: {type(e).__name__}: {text[:200]}")
+
+
+ENVIRONMENT_PREFIXES = ("AWS_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "GCE_", "GCSFS_", "S3FS_", "FSSPEC_", "AZURE_")
+ENVIRONMENT_NAMES = ("BOTO_CONFIG", "NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "http_proxy", "https_proxy")
+
+
+def environment() -> dict[str, str]:
+    """The variables through which this process reaches storage (credentials, endpoints, profiles, proxies):
+    handed to processes started elsewhere (Ray workers) so they reach the same storage the same way."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES) or k in ENVIRONMENT_NAMES}
 
 
 STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError,)  # s3fs/gcsfs raise OSError subclasses
@@ -154,8 +191,8 @@ def isfile(url: str) -> bool:
     if is_local(url):
         return local(url).is_file()
     fs, path = filesystem(url)
-    try:
-        return fs.isfile(path)
+    try:  # strict: over HTTP a refused connection is raised, not taken for a missing file
+        return fs.isfile(path, strict=True) if scheme(url) in ("http", "https") else fs.isfile(path)
     except STORAGE_ERRORS as e:
         raise _remote_error(url, e) from None
 
@@ -235,9 +272,11 @@ def open_read(url: str) -> Iterator[IO[bytes]]:
         yield f
 
 
-def find(url: str, skipped: list[str] | None = None) -> list[tuple[str, int, float]]:
+def find(url: str, skipped: list[str] | None = None, versions: dict[str, str] | None = None
+         ) -> list[tuple[str, int, float]]:  # fmt: skip
     """Every regular file under a directory, recursively: (path relative to it, size, mtime), sorted.
-    Symbolic links to files count; dangling links and other non-files are skipped (and listed in `skipped`)."""
+    Symbolic links to files count; dangling links and other non-files are skipped (and listed in `skipped`).
+    On object storage `versions` (when given) receives each file's version string (size, ETag, mtime)."""
     if is_local(url):
         root = local(url)
         out = []
@@ -257,6 +296,7 @@ def find(url: str, skipped: list[str] | None = None) -> list[tuple[str, int, flo
         return sorted(out)
     fs, path = filesystem(url)
     try:
+        fs.invalidate_cache(path)  # a listing cached earlier in this process would hide a rewrite
         found = fs.find(path, detail=True)
     except STORAGE_ERRORS as e:
         raise _remote_error(url, e) from None
@@ -266,9 +306,53 @@ def find(url: str, skipped: list[str] | None = None) -> list[tuple[str, int, flo
         if info.get("type", "file") != "file" or not p.startswith(base):
             continue
         mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
+        if versions is not None:
+            versions[p[len(base) :]] = _version(info)
         out.append((p[len(base) :], int(info.get("size") or 0), mtime.timestamp() if hasattr(mtime, "timestamp")
                     else float(mtime or 0)))  # fmt: skip
     return sorted(out)
+
+
+VERSION_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "mtime", "updated", "last_modified")
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What identifies one version of an object in a listing entry: its size, ETag / hashes, modification time."""
+    parts = [str(info.get("size"))] + [f"{k}={info[k]}" for k in VERSION_KEYS if info.get(k) not in (None, "")]
+    return "|".join(parts)
+
+
+def versions(urls: list[str]) -> dict[str, str | None]:
+    """For each file, a string that changes when the file is rewritten in place: size and mtime locally; size,
+    ETag (or hashes, generation) and modification time from the listing on object storage, one fresh listing
+    per folder. None for what cannot be told (pipe:, http(s) without a listing, a missing file)."""
+    out: dict[str, str | None] = {}
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        s = scheme(url)
+        if s in READ_ONLY:
+            out[url] = None
+        elif not s:
+            try:
+                st = os.stat(local(url))
+                out[url] = f"{st.st_size}|{st.st_mtime_ns}" if st.st_mode & 0o170000 == 0o100000 else None
+            except OSError:
+                out[url] = None
+        else:
+            by_folder.setdefault(parent(url), []).append(url)
+    for folder, members in by_folder.items():
+        fs, path = filesystem(folder)
+        try:
+            fs.invalidate_cache(path)  # a listing cached earlier in this process would hide a rewrite
+            listed = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)}
+        except FileNotFoundError:
+            listed = {}
+        except STORAGE_ERRORS as e:
+            raise _remote_error(folder, e) from None
+        for url in members:
+            info = listed.get(filesystem(url)[1].rstrip("/"))
+            out[url] = _version(info) if info and info.get("type", "file") == "file" else None
+    return out
 
 
 def glob(pattern: str) -> list[str]:
@@ -312,6 +396,32 @@ def check_writable(url: str, what: str = "") -> None:
 def _check_writable(url: str) -> None:
     if scheme(url) in READ_ONLY:
         raise UserError(f"{redact(url)}: {scheme(url)}:// is read-only here; write to a local path, s3:// or gs://")
+
+
+def listdir(url: str) -> list[str]:
+    """Names of the entries directly in a folder (files and folders), sorted; [] when it does not exist."""
+    if is_local(url):
+        try:
+            return sorted(os.listdir(local(url)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    fs, path = filesystem(url)
+    try:
+        return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)} - {""})
+    except FileNotFoundError:
+        return []
+    except STORAGE_ERRORS as e:
+        raise _remote_error(url, e) from None
+
+
+def check_only(url: str, allowed: tuple[str, ...], what: str, kind: str) -> None:
+    """A UserError when the folder `url` exists and holds anything but `allowed` (and hidden temporaries):
+    writing `kind` there would mix it with other files, which a later overwrite could not tell apart."""
+    other = [n for n in listdir(url) if n not in allowed and not (n.startswith(".") and n.endswith(TMP_SUFFIX))]
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise UserError(f"{what} {redact(url)} already holds other files ({shown}); give a new or empty folder for "
+                        f"{kind}")  # fmt: skip
 
 
 def tmp_name(path: str | Path, tag: str = "w") -> Path:

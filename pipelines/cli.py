@@ -1,13 +1,15 @@
-"""`pipeline`: run a batch job from one TOML spec. The plan and the summary go to stdout, stage logs and
-progress bars to stderr."""
+"""`pipeline`: run a batch job from one TOML spec. The plan and the summary go to stdout (with --json as one JSON
+object, the one `pipeline run` also writes to WORK/summary.json), stage logs and progress bars to stderr."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
 from kdcore.errors import run_app
+from kdcore.output import console, deliver
 
 app = typer.Typer(
     help="Run kdcurate batch jobs: teacher, score, index, select, export, eval, distill, report from one TOML spec.",
@@ -34,6 +36,7 @@ def run(
     force: bool = typer.Option(False, help="Run every stage again."),
     dry_run: bool = typer.Option(False, help="Check the spec and print what would run and why; run nothing."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    json_: bool = typer.Option(False, "--json", help="Print the plan and summary as one JSON object on stdout."),
 ) -> None:
     """Run the job's stages in order. A stage is skipped when its parameters and inputs have not changed
     since it completed; a killed job continues where it stopped when run again.
@@ -43,23 +46,33 @@ def run(
       pipeline run pipelines/demo.toml
       pipeline run job.toml --dry-run
       pipeline run job.toml --from distill
+      pipeline run job.toml --json | jq .summary.student_accuracy
     """
-    from rich.console import Console
-    from rich.table import Table
-
+    from pipelines.run import result_dict
     from pipelines.run import run as run_job
 
-    console = Console()
-    res = run_job(job, start=from_, force=force, dry_run=dry_run, show_progress=progress, log=_log)
-    plan = Table(title=f"job {res.job.name} ({res.job.work})")
+    def produce() -> dict[str, Any]:
+        res = run_job(job, start=from_, force=force, dry_run=dry_run, show_progress=progress, log=_log)
+        return result_dict(res, dry_run)
+
+    deliver(produce, _show_run, json_)
+
+
+def _show_run(d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = console()
+    dry_run = d["dry_run"]
+    plan = Table(title=f"job {d['job']} ({d['work']})")
     for col in ("stage", "action", "why", "seconds"):
         plan.add_column(col, justify="right" if col == "seconds" else "left")
-    for s in res.stages:
-        plan.add_row(s.stage, s.action, s.reason, f"{s.seconds:.1f}" if s.action == "run" and not dry_run else "")
-    console.print(plan)
+    for s in d["stages"]:
+        plan.add_row(s["stage"], s["action"], s["reason"],
+                     f"{s['seconds']:.1f}" if s["action"] == "run" and not dry_run else "")  # fmt: skip
+    out.print(plan, markup=False)
     if dry_run:
         return
-    summ = res.summary
+    summ = d["summary"]
     t = Table(title="summary")
     t.add_column("what")
     t.add_column("value", justify="right", overflow="fold")
@@ -76,32 +89,43 @@ def run(
     if "auroc" in summ:
         t.add_row("AUROC, task sources positive", ", ".join(f"{k} {v:.3f}" for k, v in summ["auroc"].items()))
     t.add_row("wall time per stage", ", ".join(f"{k} {v:.0f}s" for k, v in summ["seconds"].items()))
-    console.print(t)
+    out.print(t, markup=False)
     for key in ("student", "report"):
         if key in summ:
-            console.print(f"{key}: {summ[key]}", markup=False, highlight=False)
+            out.print(f"{key}: {summ[key]}", markup=False, highlight=False)
+    out.print(f"summary: {d['summary_file']}", markup=False, highlight=False)
 
 
 @app.command()
-def keys(stage: str = typer.Argument(None, help="A stage (teacher, score, index, select, ...); all when left out.")
-         ) -> None:  # fmt: skip
+def keys(
+    stage: str = typer.Argument(None, help="A stage (teacher, score, index, select, ...); all when left out."),
+    json_: bool = typer.Option(False, "--json", help="Print the keys as one JSON object on stdout."),
+) -> None:
     """List the keys a job's table takes, with their TOML types and help (the stage command's options)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from kdcore.errors import UserError
     from pipelines.run import SPECS, keys
 
     if stage is not None and stage not in SPECS:
         raise UserError(f"unknown stage {stage!r}; stages: {', '.join(SPECS)}")
-    console = Console()
-    for name in [stage] if stage else list(SPECS):
+
+    def produce() -> dict[str, Any]:
+        stages = [stage] if stage else list(SPECS)
+        return {"stages": {n: [{"key": k, "type": t, "help": h} for k, t, h in keys(n)] for n in stages}}
+
+    deliver(produce, _show_keys, json_)
+
+
+def _show_keys(d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = console()
+    for name, rows in d["stages"].items():
         table = Table(title=f"[{name}]", title_justify="left")
         for col in ("key", "type", "help"):
             table.add_column(col, overflow="fold")
-        for key, types, help_text in keys(name):
-            table.add_row(key, types, help_text)
-        console.print(table, markup=False)
+        for row in rows:
+            table.add_row(row["key"], row["type"], row["help"])
+        out.print(table, markup=False)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from curate.config import ExportConfig, IndexConfig, ReportConfig, ScoreConfig, 
 from distill.config import TrainConfig
 from kdcore import storage
 from kdcore.errors import UserError
-from kdcore.options import from_table, toml_fields, toml_types
+from kdcore.options import from_table, job_words, toml_fields, toml_types
 
 STAGES = ("teacher", "score", "index", "select", "export", "eval", "distill", "report")
 
@@ -103,7 +103,10 @@ def load_job(path: str) -> Job:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no job spec at {path}" + (" (it is a directory)" if p.is_dir() else ""))
-    text = p.read_text()
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a TOML job spec (not UTF-8 text); give the job's .toml file") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -128,13 +131,47 @@ def load_job(path: str) -> Job:
     if "eval" in tables and "source" not in tables["eval"]:
         raise UserError(f"{path} line {_line(text, 'eval')}: [eval] needs 'source'")
     name = job_opts.get("name", p.stem)
-    work = Path(job_opts.get("work", f"work/{name}"))
+    work = Path(storage.target(job_opts.get("work", f"work/{name}"), f"{path}: [job] work"))
     if work.exists() and not work.is_dir():
         raise UserError(f"{path}: work = {work} is a file; give a directory")
     job = Job(p, name, work, {t: {k.replace("-", "_"): v for k, v in vals.items()} for t, vals in tables.items()})
     for stage in tables:
         job.configs[stage] = _build(job, stage, tables[stage], text)
+    _check_specs(job)
     return job
+
+
+def _check_specs(job: Job) -> None:
+    """Parse every teacher and source spec the stages will read, as the stages parse them (nothing is read), so
+    `--dry-run` refuses what the run would."""
+    from curate.sources import parse_source
+
+    teacher = job.stages["teacher"]
+    specs = [("teacher", teacher["source"])] if "source" in teacher else []
+    for stage, attr in (("score", "sources"), ("eval", "sources"), ("select", "references")):
+        if stage in job.configs:
+            specs += [(stage, spec) for spec in getattr(job.configs[stage], attr)]
+    for stage, spec in specs:
+        try:
+            parse_source(spec)
+        except UserError as e:
+            raise UserError(f"{job.path} [{stage}]: {e}") from None
+    if "spec" in teacher:
+        _check_teacher(str(job.path), teacher["spec"])
+
+
+def _check_teacher(where: str, spec: str) -> None:
+    """The teacher spec's kind is known, or it names a checkpoint or run directory (as distill.models.load
+    decides; the weights are read when the teacher stage runs)."""
+    from distill.kinds import TEACHER_KINDS, usage
+    from kdcore.specs import split_options
+
+    head, _ = split_options(spec.strip(), f"teacher spec {storage.redact(spec)!r}")
+    kind, sep, _ = head.partition(":")
+    remote = storage.scheme(head) not in ("", "pipe")  # a checkpoint or run directory on object storage
+    if head and ((sep and kind in TEACHER_KINDS) or remote or Path(head).exists() or head.endswith((".pt", ".pth"))):
+        return
+    raise UserError(f"{where} [teacher]: unknown teacher spec {storage.redact(spec)!r}: use {usage()}")
 
 
 def _check_extra(path: str, text: str, table: str, values: dict[str, Any]) -> None:
@@ -277,14 +314,48 @@ def run(path: str, start: str | None = None, force: bool = False, dry_run: bool 
         cfg = job.configs[stage]
         if cfg is not None and hasattr(cfg, "show_progress"):
             cfg = dataclasses.replace(cfg, show_progress=show_progress)
-        info = RUNNERS[stage](job, cfg)
+        try:
+            info = RUNNERS[stage](job, cfg)
+        except UserError as e:
+            raise UserError(in_job_words(job, stage, str(e))) from None
         seconds = time.perf_counter() - t0
         storage.write_json(str(marker), {"fingerprint": fp, "complete": True, "params": params, "seconds": seconds,
                                          "info": info})  # fmt: skip
         result.stages.append(StageRun(stage, "run", reason, seconds))
     if not dry_run:
         result.summary = summarise(job)
+        storage.write_json(job.url("summary.json"), result_dict(result))
     return result
+
+
+def result_dict(res: RunResult, dry_run: bool = False) -> dict[str, Any]:
+    """What `pipeline run --json` prints and WORK/summary.json holds: the job, each stage's action, the summary."""
+    from kdcore.output import jsonable
+
+    return jsonable(
+        {
+            "job": res.job.name,
+            "spec": str(res.job.path),
+            "work": str(res.job.work),
+            "dry_run": dry_run,
+            "stages": [dataclasses.asdict(s) for s in res.stages],
+            "summary": res.summary,
+            "summary_file": None if dry_run else res.job.url("summary.json"),
+        }
+    )
+
+
+def in_job_words(job: Job, stage: str, message: str) -> str:
+    """A stage's error in the job's words: the CLI flags it names become `[stage] key` (kdcore.options.job_words),
+    prefixed with the job spec (and the stage, when no key is named)."""
+    spec = SPECS[stage]
+    text, key = job_words(message, stage, spec.config, tuple(spec.extra))
+    if key is None:
+        return f"{job.path} [{stage}]: {text}"
+    lines = job.path.read_text(errors="replace")
+    header = _line(lines, stage)  # where the key is not written out (a value the job left to its default)
+    at = next((n for k in (key, key.replace("-", "_")) if (n := _line(lines, k, stage)) != header), header)
+    return f"{job.path} line {at}: {text}"
 
 
 def fingerprint(stage: str, params: dict, upstream: dict[str, str], job: Job) -> str:
@@ -322,7 +393,7 @@ def _teacher(job: Job, cfg: TrainConfig | None) -> dict:
 
     source = job.stages["teacher"]["source"]
     export(ExportConfig(out=cfg.shards, sources=[source], shard_size=10_000, show_progress=cfg.show_progress))
-    res = train(dataclasses.replace(cfg, resume=Path(cfg.out, "checkpoint.pt").exists()))
+    res = train(dataclasses.replace(cfg, resume=storage.exists(storage.join(cfg.out, "checkpoint.pt"))))
     return {"spec": cfg.out, "steps": res.steps}
 
 
@@ -359,7 +430,7 @@ def _export(job: Job, cfg: ExportConfig) -> dict:
 def _distill(job: Job, cfg: TrainConfig) -> dict:
     from distill.train import train
 
-    res = train(dataclasses.replace(cfg, resume=Path(cfg.out, "checkpoint.pt").exists()))
+    res = train(dataclasses.replace(cfg, resume=storage.exists(storage.join(cfg.out, "checkpoint.pt"))))
     return {"steps": res.steps, **res.final}
 
 

@@ -372,3 +372,99 @@ def test_listing_skips_what_is_not_a_file_and_says_so(teacher, tmp_path):
     assert "1 entries skipped, not regular files" in proc.stderr and "dangling.png" in proc.stderr
     assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/pool/samples/*/*.parquet'").fetchall()[0][0] == 2
     assert not list((tmp_path / "pool").glob("errors/*/*.parquet"))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: connecting is refused
+
+
+def _score(**kw) -> ScoreConfig:
+    return ScoreConfig(**{"teacher": "t.pt", "sources": ["n=synthetic:noise?n=5"], "pool": "p", **kw})
+
+
+def _select(**kw):
+    from curate.config import SelectConfig
+
+    return SelectConfig(pool="p", out="sel", **kw)
+
+
+def _units(spec: str) -> list:
+    from curate.sources import parse_source
+
+    return parse_source(spec).cached_units()
+
+
+def _job(tmp: Path, teacher: str = "t.pt", source: str = "n=synthetic:noise?n=5") -> Path:
+    job = tmp / "job.toml"
+    job.write_text(f'[job]\nwork = "{tmp / "w"}"\n[teacher]\nspec = "{teacher}"\n[score]\nsources = ["{source}"]\n')
+    return job
+
+
+# (what, call(tmp_path), message): values taken silently (a NaN pool, a negative worker count as auto, an option
+# the strategy ignores, an inverted preference), misleading messages, tracebacks and sizes that hung; each is
+# refused up front by the config or the spec (a UserError: one line, exit 2), before any work
+REFUSED_UP_FRONT = [
+    ("odin temperature 0", lambda t: _score(odin=True, odin_temperature=0.0), "--odin-temperature must be > 0"),
+    ("negative workers", lambda t: _score(workers=-2), "--workers must be -1 (pick for me), 0"),
+    ("export negative workers", lambda t: ExportConfig(out="o", sources=["d=builtin:digits"], workers=-3),
+     "--workers must be -1"),
+    ("absurd batch size", lambda t: _score(batch_size=100_000_000), "--batch-size 100,000,000 is over 65,536"),
+    ("synthetic size", lambda t: _units("n=synthetic:noise?size=100000"), "size=100,000 is over 4,096 pixels"),
+    ("synthetic n", lambda t: _units("n=synthetic:noise?n=1000000000000000"), "n=1,000,000,000,000,000 is over"),
+    ("too many units", lambda t: _units("n=synthetic:noise?n=100000000&unit=1"),
+     "make 100,000,000 units, over 1,000,000"),
+    ("builtin photo size", lambda t: _units("p=builtin:photos?size=100000"), "size=100,000 is over 4,096"),
+    ("folder given an image", lambda t: (write_pngs(t / "imgs", ["one.png"]), _units(f"f=folder:{t}/imgs/one.png")),
+     "is a file, not a folder; give the folder holding it, f=folder:"),
+    ("folder given a tar", lambda t: ((t / "s.tar").write_bytes(b"x"), _units(f"f=folder:{t / 's.tar'}")),
+     "is a file, not a folder; use f=wds:"),
+    ("HTTP refused", lambda t: _units(f"t=wds:http://user:hunter2@127.0.0.1:{_closed_port()}/a.tar"),
+     "connection refused by http://127.0.0.1:"),
+    ("per-class with random", lambda t: _select(strategy="random", n=3, per_class=5),
+     "--per-class is not used by --strategy random (it takes --n)"),
+    ("n with top-per-class", lambda t: _select(strategy="top-per-class", per_class=5, n=3),
+     "--n is not used by --strategy top-per-class"),
+    ("negative gamma", lambda t: _select(strategy="weighted", n=3, gamma=-1.0), "--gamma must be > 0"),
+    ("zero gamma", lambda t: _select(strategy="weighted", n=3, gamma=0.0), "--gamma must be > 0"),
+    ("index memory 0", lambda t: __import__("curate.config").config.IndexConfig("p", memory="0"),
+     "--memory must be a positive memory budget"),
+    ("index memory text", lambda t: __import__("curate.config").config.IndexConfig("p", memory="lots"),
+     "give a size such as 512MB or 4GB"),
+    ("sql out a directory", lambda t: __import__("curate.query").query.sql(
+        __import__("curate.config").config.SqlConfig(str(t / "p"), "SELECT 1", out=str(t))), "is a directory"),
+    ("binary job", lambda t: __import__("pipelines.run").run.load_job(
+        str((t / "b.toml", (t / "b.toml").write_bytes(bytes(range(256))))[0])), "is not a TOML job spec"),
+    ("dry run, unknown teacher kind", lambda t: __import__("pipelines.run").run.run(
+        str(_job(t, teacher="nosuchkind:x")), dry_run=True), "unknown teacher spec 'nosuchkind:x'"),
+    ("dry run, unknown source kind", lambda t: __import__("pipelines.run").run.run(
+        str(_job(t, source="n=nosuchkind:x")), dry_run=True), "unknown kind 'nosuchkind'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call,message", [c[1:] for c in REFUSED_UP_FRONT], ids=[c[0] for c in REFUSED_UP_FRONT])
+def test_bad_values_are_refused_up_front(tmp_path, call, message):
+    from kdcore.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        call(tmp_path)
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    assert "hunter2" not in str(e.value)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "p").exists()  # nothing written
+
+
+def test_bad_values_are_one_line_and_exit_2_from_the_command_line(tmp_path):
+    """The same refusals through the CLIs: the ones that were tracebacks, a config value, a dry run."""
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "d").mkdir()
+    run_all([
+        (["pipelines", "run", str(binary)], "is not a TOML job spec"),
+        (["curate", "sql", str(tmp_path / "pool"), "SELECT 1", "--out", str(tmp_path / "d")], "is a directory"),
+        (["pipelines", "run", str(_job(tmp_path, teacher="nosuchkind:x")), "--dry-run"], "unknown teacher spec"),
+        (["curate", "score", "--teacher", "t.pt", "--pool", str(tmp_path / "p"), "--source",
+          "n=synthetic:noise?n=5", "--odin", "--odin-temperature", "0"], "--odin-temperature must be > 0"),
+    ])  # fmt: skip

@@ -217,3 +217,79 @@ def test_a_denied_request_is_one_line(teacher, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _png(value: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(keys: list[str], value: int) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, key in enumerate(keys):
+            data = _png((value + 40 * i) % 256)
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _parquet(values: list[int]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": [_png(v) for v in values]}), buf)
+    return buf.getvalue()
+
+
+def test_files_rewritten_in_place_on_s3_are_rescored(teacher, tmp_path, s3):
+    """wds:, parquet: and folder: units on object storage carry the listing's size, ETag and mtime: a file
+    rewritten under the same name is rescored, and the rows of samples it no longer holds are dropped."""
+    from curate.config import ScoreConfig
+    from curate.score import score
+
+    bucket = s3()
+    b = bucket.removeprefix("s3://")
+    fs().pipe(
+        {
+            f"{b}/wds/a.tar": _tar(["k0", "k1", "k2", "k3"], 10),
+            f"{b}/wds/b.tar": _tar(["k0", "k1"], 90),
+            f"{b}/pq/p.parquet": _parquet([1, 2, 3]),
+            f"{b}/img/x.png": _png(5),
+            f"{b}/img/y.png": _png(6),
+        }
+    )
+    cfg = ScoreConfig(teacher=str(teacher), pool=str(tmp_path / "pool"), show_progress=False,
+                      sources=[f"w=wds:{bucket}/wds/{{a,b}}.tar", f"p=parquet:{bucket}/pq/p.parquet",
+                               f"f=folder:{bucket}/img"])  # fmt: skip
+    assert score(cfg).rows == 6 + 3 + 2
+
+    def hashes() -> dict[str, str]:
+        files = [str(f) for f in (tmp_path / "pool" / "samples").glob("*/*.parquet")]
+        return dict(duckdb.sql(f"SELECT sample_id, content_hash FROM read_parquet({files})").fetchall())
+
+    before = hashes()
+    # same names, same sizes where it can be: a tar of other samples, other pixels in the same layout
+    fs().pipe({f"{b}/wds/a.tar": _tar(["k0", "k9"], 200), f"{b}/pq/p.parquet": _parquet([7, 8, 9]),
+               f"{b}/img/x.png": _png(250)})  # fmt: skip
+    res = score(cfg)
+    changed = {name: (st.units_changed, st.units_skipped) for name, st in res.per_source.items()}
+    assert changed["w"] == (1, 1) and changed["p"] == (1, 0), changed
+    after = hashes()
+    assert sorted(k for k in after if k.startswith("w/")) == ["w/a/k0", "w/a/k9", "w/b/k0", "w/b/k1"]
+    assert after["w/a/k0"] != before["w/a/k0"] and after["w/b/k0"] == before["w/b/k0"]
+    assert all(after[f"p/p/{i}"] != before[f"p/p/{i}"] for i in range(3))
+    assert after["f/x.png"] != before["f/x.png"] and len(after) == 4 + 3 + 2

@@ -53,7 +53,7 @@ def test_the_student_sees_exactly_the_pixels_the_teacher_scored(tmp_path):
 
     proc = run_cli("distill", "eval", str(teacher), "--data", str(tmp_path / "shards"), "--workers", "0")
     assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = json.loads((tmp_path / "eval" / "shards.json").read_text())
     assert result["agreement"] == 1.0 and result["teacher_samples"] == len(odd_images())
     assert "accuracy" not in result  # no true labels here: agreement is not accuracy
 
@@ -181,7 +181,7 @@ def test_every_stage_after_score_reads_that_pool(crossing):
     assert manifest["classes"] == ["a", "b"] and manifest["labels"] is True
     ev = run_cli("distill", "eval", str(root / "run"), "--data", str(test), "--workers", "0", check=True)
     assert "accuracy" in ev.stdout
-    result = json.loads((root / "run" / "eval.json").read_text())
+    result = json.loads((root / "run" / "eval" / "test-shards.json").read_text())
     assert result["samples"] == len(odd_images()) and set(result["per_class_accuracy"]) <= {"a", "b"}
 
 

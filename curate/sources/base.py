@@ -37,6 +37,9 @@ def digest(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=10).hexdigest()
 
 
+MAX_UNITS = 1_000_000  # units of one source: each is planned, recorded and resumed on its own
+
+
 @dataclass
 class RawSample:
     key: str
@@ -115,9 +118,17 @@ class Source:
             raise UserError(f"source {self.name}: option {key}= must be at least {minimum}, got {value}")
         return value
 
+    def check_units(self, records: int, size: int) -> None:
+        """Refuse a plan of more than MAX_UNITS units before any is listed (they are planned up front)."""
+        units = -(-records // max(1, size))
+        if units > MAX_UNITS:
+            raise UserError(f"source {self.name}: {records:,} records in units of {size:,} make {units:,} units, "
+                            f"over {MAX_UNITS:,}; take fewer records or raise unit=")  # fmt: skip
+
     def chunk(self, start: int, stop: int, size: int) -> list[Unit]:
         """Units of `size` records over [start, stop); unit ids count from 0 at `start`."""
         size = max(1, size)
+        self.check_units(stop - start, size)
         return [
             Unit(self.name, f"{(i - start) // size:06d}", (i, min(stop, i + size)), min(stop, i + size) - i)
             for i in range(start, stop, size)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from curate.sources.arrays import ArraySource, read_idx
 from curate.sources.base import RawSample, ReadError, Unit
+from curate.sources.synthetic import MAX_N, MAX_SIZE
 from kdcore.errors import UserError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -109,7 +110,10 @@ class BuiltinSource(ArraySource):
             raise UserError(f"source {self.name}: unknown builtin {self.location!r}; use {', '.join(self.NAMES)}")
         for k in ("start", "stop", "n", "size", "seed", "unit"):
             if k in self.opts:
-                self.opt_int(k, 0, minimum=1 if k in ("n", "unit") else (4 if k == "size" else 0))
+                value = self.opt_int(k, 0, minimum=1 if k in ("n", "unit") else (4 if k == "size" else 0))
+                limit = {"n": MAX_N, "size": MAX_SIZE}.get(k)
+                if limit is not None and value > limit:
+                    raise UserError(f"source {self.name}: {k}={value:,} is over {limit:,}; give a smaller {k}=")
         shuffle = self.opts.get("shuffle", DEFAULT_SHUFFLE.get(self.location, "none"))
         if shuffle != "none":
             self.opt_int("shuffle", 0)

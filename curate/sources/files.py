@@ -4,8 +4,8 @@ kdcore.storage reaches (local, s3://, gs://, http(s)://; `pipe:` commands for ta
 Units are stable when a collection grows: a folder's files are cut into runs at keys whose hash falls on
 a boundary (content-defined chunking), so new or removed files change only the units they land in; a
 tar or a Parquet row group is a unit named after its file. Each unit carries a fingerprint of what it
-holds (names, sizes, modification times), which the pool keeps in the unit's marker: a rerun rescores
-a unit whose fingerprint changed.
+holds (names, sizes, modification times; on object storage also the ETag from the listing), which the pool
+keeps in the unit's marker: a rerun rescores a unit whose fingerprint changed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ class FileSource(Source):
 # -------------------------------------------------------------------------------------------- folder
 
 
+def file_kind_hint(name: str, location: str) -> str:
+    """What to write instead of folder: for a single file, by its extension."""
+    low, url = location.lower(), storage.redact(location)
+    kinds = {(".tar", ".tar.gz", ".tgz"): "wds", (".parquet",): "parquet", (".npy",): "npy",
+             ("ubyte", "ubyte.gz", ".idx"): "idx"}  # fmt: skip
+    for exts, kind in kinds.items():
+        if low.endswith(exts):
+            return f"use {name}={kind}:{url}"
+    if low.endswith(IMAGE_EXTS):
+        return f"give the folder holding it, {name}=folder:{storage.redact(storage.parent(location))}"
+    return "give the folder holding the images, or the kind of this file (wds, parquet, npy, idx)"
+
+
 class FolderSource(FileSource):
     """A directory tree of images (jpg, png, webp, bmp, gif, tiff), local or on object storage, in sorted
     order; `?labels=dirs` labels each image by its first-level folder."""
@@ -58,9 +71,13 @@ class FolderSource(FileSource):
         """(relative path, size, mtime) of the image files, sorted; listed once per process."""
         if "_listing" not in self.__dict__:
             if not storage.isdir(self.location):
+                if storage.isfile(self.location):
+                    raise UserError(f"source {self.name}: {storage.redact(self.location)} is a file, not a folder; "
+                                    f"{file_kind_hint(self.name, self.location)}")  # fmt: skip
                 raise UserError(f"source {self.name}: folder not found: {storage.redact(self.location)}")
             skipped: list[str] = []
-            found = storage.find(self.location, skipped)
+            self.__dict__["_versions"] = versions = {}
+            found = storage.find(self.location, skipped, versions)
             self.__dict__["_skipped"] = [s for s in skipped if s.lower().endswith(IMAGE_EXTS)]
             self.__dict__["_listing"] = [f for f in found if f[0].lower().endswith(IMAGE_EXTS)]
         return self.__dict__["_listing"]
@@ -88,7 +105,9 @@ class FolderSource(FileSource):
 
     def _unit(self, run: list[tuple[str, int, float]]) -> Unit:
         uid = hashlib.blake2b(run[0][0].encode(), digest_size=6).hexdigest()
-        return Unit(self.name, uid, tuple(r for r, _, _ in run), len(run), digest(run))
+        versions = self.__dict__.get("_versions")  # object storage: the ETags too (a rewrite in the same second)
+        stamp = digest(run, [versions.get(r) for r, _, _ in run]) if versions else digest(run)
+        return Unit(self.name, uid, tuple(r for r, _, _ in run), len(run), stamp)
 
     def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         index = {c: i for i, c in enumerate(self.classes or [])}
@@ -130,22 +149,24 @@ class WdsSource(FileSource):
 
     def units(self) -> list[Unit]:
         units, seen = [], set()
-        for url in self.urls():
+        urls = self.urls()
+        versions = storage.versions([u for u in urls if not storage.is_local(u)])
+        for url in urls:
             stem = _safe(storage.name(url).removesuffix(".gz").removesuffix(".tar") if storage.scheme(url) != "pipe"
                          else "pipe-" + digest(url)[:8])  # fmt: skip
             uid = stem if stem not in seen else f"{stem}-{digest(url)[:6]}"
             seen.add(uid)
-            units.append(Unit(self.name, uid, (url,), None, self._fingerprint(url)))
+            units.append(Unit(self.name, uid, (url,), None, self._fingerprint(url, versions.get(url))))
         return units
 
     @staticmethod
-    def _fingerprint(url: str) -> str | None:
-        if storage.scheme(url) in ("pipe", "http", "https"):
-            return None
+    def _fingerprint(url: str, version: str | None) -> str | None:
+        """Local: size and mtime; object storage: size, ETag and mtime from the listing; pipe: and http(s)://
+        have none (their units are scored once)."""
         if storage.is_local(url):
             p = storage.local(url)
             return digest(url, p.stat().st_size, p.stat().st_mtime) if p.is_file() else None
-        return None  # object stores: names are the identity; a rewritten shard is a new object name in practice
+        return digest(url, version) if version else None
 
     def read(self, unit: Unit, only: set[str] | None = None) -> Iterator[RawSample | ReadError]:
         url = unit.args[0]
@@ -252,7 +273,9 @@ class ParquetSource(FileSource):
         col = self.opts.get("column", "image")
         wanted = [c for c in (col, self.opts.get("label"), self.opts.get("key")) if c]
         wanted += [c for c in self.opts.get("meta", "").split(",") if c]
-        for url in self.files():
+        files = self.files()
+        versions = storage.versions([u for u in files if not storage.is_local(u)])
+        for url in files:
             try:
                 meta = self._open(url)
             except ValueError as e:
@@ -266,10 +289,13 @@ class ParquetSource(FileSource):
             stem = stem if stem not in seen else f"{stem}-{digest(url)[:6]}"
             seen.add(stem)
             offset = 0
+            # on object storage the listing's ETag and mtime too: a file rewritten in place is rescored
+            stamp: list[Any] = [url, meta.metadata.serialized_size, meta.metadata.num_rows]
+            if versions.get(url):
+                stamp.append(versions[url])
             for rg in range(meta.num_row_groups):
                 n = meta.metadata.row_group(rg).num_rows
-                units.append(Unit(self.name, f"{stem}-{rg:05d}", (url, rg, offset, stem), n,
-                                  digest(url, meta.metadata.serialized_size, meta.metadata.num_rows)))  # fmt: skip
+                units.append(Unit(self.name, f"{stem}-{rg:05d}", (url, rg, offset, stem), n, digest(*stamp)))
                 offset += n
         return units
 

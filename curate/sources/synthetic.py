@@ -68,6 +68,8 @@ def glyphs(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
+MAX_N = 10**9  # images of one synthetic source
+MAX_SIZE = 4096  # pixels per side: a 4096×4096 RGB image is 48 MiB
 GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "noise": noise,
     "dead-leaves": dead_leaves,
@@ -79,7 +81,8 @@ GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
 class SyntheticSource(Source):
     """`synthetic:KIND?n=&seed=&size=`: KIND = noise, dead-leaves, shaders, glyphs."""
 
-    OPTIONS = {"n": "images (default 1000)", "seed": "seed (default 0)", "size": "pixels per side (default 32)",
+    OPTIONS = {"n": "images (default 1000, at most 10^9)", "seed": "seed (default 0)",
+               "size": "pixels per side (default 32, at most 4096)",
                "unit": "records per unit (default 4096)"}  # fmt: skip
 
     def check(self) -> None:
@@ -87,10 +90,14 @@ class SyntheticSource(Source):
             raise UserError(
                 f"source {self.name}: unknown synthetic kind {self.location!r}; use {', '.join(GENERATORS)}"
             )
-        self.opt_int("n", 1000, minimum=1)
-        self.opt_int("size", 32, minimum=4)
+        n, size = self.opt_int("n", 1000, minimum=1), self.opt_int("size", 32, minimum=4)
+        if n > MAX_N:
+            raise UserError(f"source {self.name}: n={n:,} is over {MAX_N:,} images; give a smaller n=")
+        if size > MAX_SIZE:
+            raise UserError(f"source {self.name}: size={size:,} is over {MAX_SIZE:,} pixels per side (one image would "
+                            f"take {size * size * 3 / 2**30:,.1f} GiB); give a size= up to {MAX_SIZE:,}")  # fmt: skip
         self.opt_int("seed", 0)
-        self.opt_int("unit", 4096, minimum=1)
+        self.check_units(n, self.opt_int("unit", 4096, minimum=1))
 
     def units(self) -> list[Unit]:
         return self.chunk(0, self.opt_int("n", 1000), self.opt_int("unit", 4096))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import duckdb
 import pyarrow.parquet as pq
@@ -73,3 +74,61 @@ def test_a_compaction_killed_at_any_step_loses_and_duplicates_nothing(small_unit
     assert res.units_merged == 0
     assert not (noise / "compact-000009.parquet").exists() and not list(noise.glob("*.tmp"))
     assert not list(noise.glob("unit-*.parquet")) and snapshot(root) == before
+
+
+KILL_AT = """
+import os, signal, sys
+from kdcore import storage
+
+calls, kill_at = [0], int(sys.argv[2])
+
+
+def counted(op):
+    def run(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:  # before this write or delete: the state every earlier step left
+            os.kill(os.getpid(), signal.SIGKILL)
+        return op(*args, **kwargs)
+    return run
+
+
+for name in ("remove", "write_bytes", "open_write", "write_parquet"):
+    setattr(storage, name, counted(getattr(storage, name)))
+from curate.compact import compact
+from curate.config import CompactConfig
+
+compact(CompactConfig(sys.argv[1], target_rows=300, show_progress=False))
+"""
+
+
+def documented_read(root) -> list[tuple]:
+    """The README's way for outside readers: the files snapshot.json lists, with DuckDB alone."""
+    con = duckdb.connect()
+    con.execute(f"SET VARIABLE files = (SELECT list('{root}/' || f) FROM (SELECT unnest(files) AS f "
+                f"FROM read_json('{root}/snapshot.json')))")  # fmt: skip
+    return con.sql("SELECT source, sample_id, unit, pred, energy FROM read_parquet(getvariable('files')) "
+                   "ORDER BY uid").fetchall()  # fmt: skip
+
+
+def test_outside_readers_see_each_sample_once_while_a_compaction_is_killed_at_every_step(small_units, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import CLI_ENV, ROOT
+
+    root, _ = small_units
+    before = documented_read(root)
+    assert len(before) == len({r[1] for r in before}) == 1297
+    through_sql = snapshot(root)
+    # each run is killed one step further into its own work: before its first snapshot, before writing a compact
+    # file, before its manifest, before the snapshot that switches to it, between deleting its parts, ...
+    for kill_at in (1, 2, 3, 4, 6, 12, 14):
+        proc = subprocess.run([sys.executable, "-c", KILL_AT, str(root), str(kill_at)], env=CLI_ENV, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert documented_read(root) == before, kill_at
+        assert snapshot(root) == through_sql, kill_at  # and `curate sql`'s views
+    res = compact(CompactConfig(str(root), target_rows=300, show_progress=False))
+    assert documented_read(root) == before and res.files_after == 5
+    glob = duckdb.sql(f"SELECT count(*) FROM read_parquet('{root}/samples/*/*.parquet')").fetchall()[0][0]
+    assert glob == 1297  # and once it has ended, the plain glob agrees

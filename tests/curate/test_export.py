@@ -207,3 +207,81 @@ def test_labelled_arrays_export_with_their_classes_and_train_a_teacher(tmp_path,
     proc = run_cli("distill", "train", str(out), "--out", str(tmp_path / "run"), "--loss", "ce", "--labels", "true",
                    "--steps", "5", "--student", "cnn-tiny", "--workers", "0", "--no-progress", check=True)  # fmt: skip
     assert "5 steps" in proc.stdout
+
+
+def _mixed_folder(folder: Path) -> int:
+    """A crawl-like folder: PNG, JPEG, WebP, RGBA, LA, palette with transparency, 16-bit grey, CMYK, BMP, GIF,
+    float TIFF (odd_images), plus plain grey PNGs and JPEGs. Returns the file count."""
+    from tests.conftest import odd_images
+
+    folder.mkdir()
+    files = odd_images()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        fmt = ("PNG", "JPEG", "WEBP")[i % 3]
+        Image.fromarray(rng.integers(0, 255, (10, 14), dtype=np.uint8)).save(folder / f"g{i}.{fmt.lower()}", format=fmt)
+    return len(files) + 6
+
+
+def test_image_format_jpg_loads_in_hf_datasets_and_webdataset(tmp_path, monkeypatch):
+    """--image-format jpg: every sample of a mixed crawl holds a `jpg` member, so Hugging Face's webdataset loader
+    (one image column per extension) and webdataset both see every image."""
+    from tests.conftest import rgb_teacher
+
+    teacher = rgb_teacher(tmp_path / "teacher.pt", size=16)
+    n = _mixed_folder(tmp_path / "crawl")
+    pool, sel, out = tmp_path / "pool", tmp_path / "sel", tmp_path / "shards"
+    score(ScoreConfig(teacher=str(teacher), sources=[f"c=folder:{tmp_path / 'crawl'}"], pool=str(pool),
+                      show_progress=False))  # fmt: skip
+    select(SelectConfig(pool=str(pool), out=str(sel), strategy="threshold", threshold=-1e9))
+    res = export(ExportConfig(out=str(out), pool=str(pool), selection=str(sel), shard_size=7, image_format="jpg",
+                              image_quality=80, show_progress=False))  # fmt: skip
+    assert res.samples == n and res.errors == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image"] == {"format": "jpg", "quality": 80, "size": "original"}
+    samples = read_plain(out)
+    assert len(samples) == n
+    for s in samples.values():
+        assert not {"png", "webp"} & set(s) and s["jpg"][:3] == b"\xff\xd8\xff"
+        with Image.open(io.BytesIO(s["jpg"])) as img:
+            assert img.mode in ("L", "RGB")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local files only: nothing to fetch
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset("webdataset", data_files={"train": sorted(str(p) for p in out.glob("shard-*.tar"))},
+                               split="train", cache_dir=str(tmp_path / "hf"))  # fmt: skip
+    assert len(ds) == n
+    images = ds["jpg"]
+    assert all(img is not None for img in images) and {img.size for img in images} >= {(64, 48), (14, 10)}
+
+
+def test_image_size_view_holds_the_teachers_pixels(tmp_path):
+    """--image-size view with png: each image is exactly the view the network sees (lossless); keep re-encodes in
+    the original's own format; the choice is part of the export's plan."""
+    from kdcore.view import InputSpec, to_pixels
+
+    n = _mixed_folder(tmp_path / "crawl")
+    out = tmp_path / "shards"
+    spec = f"c=folder:{tmp_path / 'crawl'}"
+    res = export(ExportConfig(out=str(out), sources=[spec], image_format="png", image_size="view",
+                              show_progress=False))  # fmt: skip
+    assert res.samples == n
+    manifest = json.loads((out / "manifest.json").read_text())
+    view = InputSpec.from_dict(manifest["input"])
+    originals = {p.name: p.read_bytes() for p in (tmp_path / "crawl").iterdir()}
+    for s in read_plain(out).values():
+        name = json.loads(s["json"])["sample_id"].split("/", 1)[1]
+        assert set(s) & {"jpg", "webp"} == set()
+        with Image.open(io.BytesIO(s["png"])) as img:
+            assert img.size == (view.size, view.size)
+        assert np.array_equal(to_pixels(s["png"], view)[0], to_pixels(originals[name], view)[0]), name
+    keep = tmp_path / "keep"
+    export(ExportConfig(out=str(keep), sources=[spec], image_size="view", show_progress=False))
+    exts = {
+        json.loads(s["json"])["sample_id"]: ({"png", "jpg", "webp"} & set(s)).pop() for s in read_plain(keep).values()
+    }
+    assert exts["c/g1.jpeg"] == "jpg" and exts["c/g2.webp"] == "webp" and exts["c/bmp.bmp"] == "png"
+    with pytest.raises(Exception, match="another image"):
+        export(ExportConfig(out=str(out), sources=[spec], image_format="jpg", image_size="view", show_progress=False))

@@ -72,6 +72,22 @@ def test_outputs_csv_json_parquet_and_the_pool_is_untouched(pool, tmp_path, caps
         sql(SqlConfig(str(pool), q, format="parquet", out=str(pool / "x.parquet")))
 
 
+def test_csv_lines_end_with_a_newline_only(pool, tmp_path):
+    """`n=$(curate sql ... --format csv | tail -n 1)` holds the number, not the number and a carriage return."""
+    import subprocess
+    import sys
+
+    from tests.conftest import CLI_ENV, ROOT
+
+    query = "SELECT source, count(*) AS n FROM samples GROUP BY source ORDER BY source"
+    out = subprocess.run([sys.executable, "-m", "curate", "sql", str(pool), query, "--format", "csv"], env=CLI_ENV,
+                         cwd=ROOT, capture_output=True, check=True).stdout  # fmt: skip
+    assert b"\r" not in out and out.endswith(b"\n")
+    assert out.splitlines()[0] == b"source,n" and out.splitlines()[-1] == b"noise,300"
+    sql(SqlConfig(str(pool), query, format="csv", out=str(tmp_path / "r.csv")))
+    assert (tmp_path / "r.csv").read_bytes() == out
+
+
 def test_table_output_truncates_wide_lists(pool):
     proc = run_cli("curate", "sql", str(pool), "SELECT logits, embedding FROM samples", "--limit", "2")
     assert proc.returncode == 0, proc.stderr

@@ -39,7 +39,10 @@ def test_report_page_references_images_that_exist(made):
     } <= set(srcs)
     for s in srcs:
         with Image.open(root / "rep" / s) as im:
-            assert im.size[0] > 300 and im.size[1] > 100
+            if s.startswith("g-"):  # a gallery thumbnail, captioned in HTML
+                assert im.size == (96, 96)
+            else:
+                assert im.size[0] > 300 and im.size[1] > 100
     for source in ("digits", "glyphs", "leaves", "noise"):
         assert f"<td>{source}</td>" in page
 
@@ -100,3 +103,55 @@ def test_report_warns_when_the_score_hardly_separates_the_task(pool, tmp_path):
     assert "--reference" in line and "best score here: " in line
     strong = report(ReportConfig(str(pool), str(tmp_path / "strong"), score="bn_score", thumbs=0))
     assert not any("separates the task sources" in w for w in strong.warnings)
+
+
+def test_report_galleries_trust_and_pointer_without_task_sources(teacher, pool, tmp_path):
+    """Without a task source: per-score galleries (top, middle, bottom of each score over the pool) whose captions
+    are HTML text under each thumbnail, the two-component split of the ranking score, and a pointer to
+    --task-source and --reference. With one (the digits), the pointer is gone but galleries and split stay."""
+    from curate.config import ScoreConfig
+    from curate.score import score
+    from curate.scores import two_component_split
+
+    blind = tmp_path / "blind"
+    score(ScoreConfig(teacher=str(teacher), sources=["a=synthetic:noise?n=40&size=8",
+                                                     "b=synthetic:glyphs?n=40"], pool=str(blind),
+                      batch_size=64, show_progress=False))  # fmt: skip
+    res = report(ReportConfig(str(blind), str(tmp_path / "r"), thumbs=4))
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert res.auroc == {}
+    assert "--task-source" in page and "--reference" in page
+    figs = re.findall(r"<figure><img class=g src='([^']+)'[^>]*><figcaption>([^<]+)<br>([^<]+)<br>([^<]+)</figcaption>",
+                      page)  # fmt: skip
+    by_score = {}
+    for src, sid, _cls, cap in figs:
+        assert (tmp_path / "r" / src).is_file() and sid.split("/")[0] in ("a", "b")
+        by_score.setdefault(cap.split(" ")[0], []).append(float(cap.split(" ")[1]))
+    assert {"auto", "bn_score", "energy"} <= set(by_score) and all(len(v) == 12 for v in by_score.values())
+    con = connect(str(blind))
+    energy = np.sort(con.execute("SELECT energy FROM samples").fetchnumpy()["energy"])
+    assert by_score["energy"][:4] == pytest.approx(energy[::-1][:4], rel=6e-3)  # top first
+    assert by_score["energy"][-4:] == pytest.approx(energy[:4], rel=6e-3)  # then middle, then bottom
+    trust = json.loads((tmp_path / "r" / "report.json").read_text())["trust"]
+    split = two_component_split(con.execute("SELECT auto::DOUBLE AS a FROM samples").fetchnumpy()["a"])
+    assert trust["auto"]["separation"] == pytest.approx(split.separation, abs=1e-3)
+    assert "How far to trust the ranking" in page and f"D = {split.separation:.2f}" in page
+    known = report(ReportConfig(str(pool), str(tmp_path / "k"), thumbs=2))
+    page = (tmp_path / "k" / "report.html").read_text()
+    assert known.auroc and "--task-source NAME" not in page and "<figcaption>" in page
+
+
+def test_report_of_an_empty_pool_is_one_line(teacher, tmp_path):
+    """A pool whose every image failed holds no samples: one line, exit 2, no traceback."""
+    from curate.config import ScoreConfig
+    from curate.score import score
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.png").write_bytes(b"not an image")
+    score(ScoreConfig(teacher=str(teacher), sources=[f"bad=folder:{bad}"], pool=str(tmp_path / "pool"),
+                      max_error_rate=1.0, show_progress=False))  # fmt: skip
+    proc = run_cli("curate", "report", str(tmp_path / "pool"), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no samples" in proc.stderr

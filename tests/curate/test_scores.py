@@ -115,3 +115,58 @@ def test_span_score_and_bn_layers_by_hand():
     square = nn.Sequential(nn.Flatten(), nn.Linear(3, 3)).eval()
     with torch.inference_mode():
         assert "span_score" not in ScoringModel(square)(x).hook_scores
+
+
+def test_bn_z_and_auto_against_hand_computed_values(tmp_path):
+    """bn_z = -(sum over layers of bn_layers[l] / sd_l) / L, sd_l the layer's population standard deviation over
+    the pool; auto = (3 rank(bn_z) + rank(span_score) + rank(energy)) / 5 with percent ranks. Checked by DuckDB on
+    a hand-made table against numpy."""
+    import duckdb
+    import numpy as np
+
+    from curate.scores import bn_z_sql, derived_sql
+
+    layers = np.array([[1.0, 10.0], [2.0, 30.0], [4.0, 20.0], [3.0, 60.0]])
+    span = np.array([0.1, 0.4, 0.3, 0.2])
+    energy = np.array([5.0, 1.0, 2.0, 3.0])
+    con = duckdb.connect()
+    con.execute("CREATE TABLE s (bn_layers FLOAT[2], span_score FLOAT, energy FLOAT, bn_score FLOAT, i INT)")
+    for i in range(4):
+        con.execute("INSERT INTO s VALUES (?, ?, ?, ?, ?)", [layers[i].tolist(), span[i], energy[i],
+                                                            -layers[i].mean(), i])  # fmt: skip
+    z = con.execute(f"SELECT {bn_z_sql(2)} FROM s ORDER BY i").fetchnumpy()
+    want = -(layers / layers.std(0)).sum(1) / 2
+    assert list(z.values())[0] == pytest.approx(want, rel=1e-4)
+    con.execute(f"CREATE VIEW t AS SELECT *, {bn_z_sql(2)} AS bn_z FROM s")
+    auto = derived_sql("auto", {"bn_score", "span_score", "energy"}, bn_layers=2)
+    got = con.execute(f"SELECT {auto} FROM t ORDER BY i").fetchnumpy()
+
+    def prank(x):
+        return np.argsort(np.argsort(x)) / (len(x) - 1)
+
+    expect = (3 * prank(want) + prank(span) + prank(energy)) / 5
+    assert list(got.values())[0] == pytest.approx(expect, abs=1e-6)
+    assert derived_sql("auto", {"span_score", "energy"}) == (
+        "((1 * percent_rank() OVER (ORDER BY span_score NULLS FIRST) + 1 * percent_rank() OVER (ORDER BY energy "
+        "NULLS FIRST)) / 2)::FLOAT"
+    )  # no BatchNorm: the other two, equally
+
+
+def test_two_component_split_recovers_a_planted_mixture():
+    import numpy as np
+
+    from curate.scores import two_component_split
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 1, 3000), rng.normal(6, 1, 1000)])
+    split = two_component_split(x)
+    assert split.means == pytest.approx((0, 6), abs=0.1) and split.sds == pytest.approx((1, 1), abs=0.1)
+    assert split.share_high == pytest.approx(0.25, abs=0.02)
+    # the threshold is where the fitted weighted densities cross (3 + ln(3)/6 for the planted ones)
+    (m0, m1), (s0, s1), w1 = split.means, split.sds, split.share_high
+    grid = np.linspace(m0, m1, 100_001)
+    dens = [w / s * np.exp(-0.5 * ((grid - m) / s) ** 2) for w, m, s in ((1 - w1, m0, s0), (w1, m1, s1))]
+    assert split.threshold == pytest.approx(grid[np.argmax(dens[1] >= dens[0])], abs=(m1 - m0) / 500)
+    assert split.threshold == pytest.approx(3 + np.log(3) / 6, abs=0.1)
+    assert split.separation == pytest.approx(np.sqrt(2) * 6 / np.sqrt(2), abs=0.2) and split.verdict == "clean"
+    assert two_component_split(np.ones(50)) is None

@@ -318,3 +318,54 @@ def test_references_calibrate_the_score(pool, teacher, tmp_path):
     np.testing.assert_allclose([got[u] for u in everything["uid"]], fused, atol=2e-3)
     top, _ = run(pool, tmp_path / "top", strategy="threshold", fraction=0.2, references=[refs])
     assert top.column("source").to_pylist().count("digits") / top.num_rows >= 0.95
+
+
+def test_related_gives_no_quota_to_sparse_classes_of_high_looking_noise():
+    """A 100-class teacher: the task's samples sit in 10 classes; 90 noise samples, one in each other class, look
+    related (above the split) but less than the task. A quota per class (top-per-class K=1) fills 90 of 100 slots
+    with noise; the related recipe holds each class to its share of the related-looking samples, so 60 picks are
+    all task; when N exceeds every class's cap, the related-looking samples come by score and the unrelated
+    background last."""
+    from curate.scores import two_component_split
+    from curate.strategies import related_caps, related_order
+
+    rng = np.random.default_rng(0)
+    task_pred = np.repeat(np.arange(10), 30)
+    noise_pred = np.arange(10, 100)
+    back_pred = rng.integers(0, 100, 600)
+    pred = np.concatenate([task_pred, noise_pred, back_pred])
+    score = np.concatenate([rng.normal(2.0, 0.2, 300), np.full(90, 1.7), rng.normal(0.0, 0.3, 600)])
+    kind = np.array(["task"] * 300 + ["noise"] * 90 + ["back"] * 600)
+    uid = np.arange(len(pred)) * 7 + 3
+    split = two_component_split(score)
+    assert 0.5 < split.threshold < 1.7 and split.verdict == "clean"
+    quota = top_per_class(pred, score, 1, uid)
+    assert (kind[quota] == "noise").sum() == 90
+    picked = related_order(pred, score, uid, split.threshold, 60)
+    assert (kind[picked] == "task").all()
+    caps = related_caps(pred, score, split.threshold, 60)
+    assert caps[0] == pytest.approx(4 * 60 * 30 / 390) and caps[50] == pytest.approx(4 * 60 / 390)
+    everything = related_order(pred, score, uid, split.threshold, 990)  # caps above every class's size
+    assert (kind[everything[:390]] != "back").all() and (kind[everything[390:]] == "back").all()
+    assert (np.diff(score[everything[:390]]) <= 0).all()  # one tier: by score
+
+
+def test_related_is_the_default_recipe_and_matches_its_reference(pool, tmp_path):
+    """`curate select POOL --n N --out SEL` runs strategy related by auto; the DuckDB form picks what the numpy
+    reference picks with the threshold of the two-component fit of auto, and selection.json records it."""
+    from curate.scores import related_split
+    from curate.strategies import related_order
+
+    proc = run_cli("curate", "select", str(pool), "--n", "40", "--out", str(tmp_path / "sel"))
+    assert proc.returncode == 0, proc.stderr
+    table, info = read_selection(str(tmp_path / "sel"))
+    assert info["strategy"] == "related" and info["score"] == "auto" and table.num_rows == 40
+    allp = pool_column(pool, "SELECT uid, pred, auto::DOUBLE AS auto, source FROM samples")
+    split = related_split(allp["auto"])
+    assert info["related"]["threshold"] == pytest.approx(split.threshold, abs=1e-5)
+    assert info["related"]["looks_related"] == int((allp["auto"] >= split.threshold).sum())
+    want = related_order(allp["pred"].astype(np.int64), allp["auto"], allp["uid"], split.threshold, 40)
+    assert set(table.column("uid").to_pylist()) == set(allp["uid"][want].tolist())
+    assert np.mean(allp["source"][want] == "digits") >= 0.9
+    proc = run_cli("curate", "select", str(pool), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "--n" in proc.stderr and "Traceback" not in proc.stderr

@@ -99,6 +99,21 @@ def test_onnx_teacher_gives_the_same_logits_and_an_embedding_output(tmp_path):
         models.load(f"onnx:{tmp_path / 'm.onnx'}?embedding=nope")
 
 
+def test_onnx_teacher_without_mean_and_std_says_what_it_assumes(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    net, _, _ = models.build("cnn-tiny", 3, models.InputSpec(16, 3, (0.5,), (0.25,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), X[:, :, :16, :16], str(tmp_path / "m.onnx"), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})  # fmt: skip
+    loaded = models.load(f"onnx:{tmp_path / 'm.onnx'}")
+    assert loaded.input.mean == (0.5, 0.5, 0.5) and loaded.input.size == 16
+    err = capsys.readouterr().err
+    assert "states no mean&std: using mean=0.5&std=0.5" in err and "add mean=&std=" in err
+    models.load(f"onnx:{tmp_path / 'm.onnx'}?mean=0.4&std=0.2")
+    assert "states no" not in capsys.readouterr().err
+
+
 def test_torch_export_teacher(tmp_path):
     torch.manual_seed(0)
     net, _, _ = models.build("cnn-tiny", 4, models.InputSpec(32, 3, (0.5,), (0.25,)))

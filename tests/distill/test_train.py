@@ -64,10 +64,16 @@ def test_student_distilled_from_the_pool_beats_chance(shards, tmp_path):
     with torch.inference_mode():
         acc = float((student.model(xt).argmax(1).numpy() == y[1000:1500]).mean())
     # distill eval agrees with a forward pass done here
+    trained = json.loads((run / "eval" / "eval.json").read_text())  # train's last evaluation, named after --eval
+    assert trained["accuracy"] == res.final["accuracy"] and trained["data"] == str(eval_dir)
     proc = run_cli("distill", "eval", str(run), "--data", str(eval_dir), "--workers", "0", check=True)
-    info = json.loads((run / "eval.json").read_text())
+    index = json.loads((run / "eval.json").read_text())
+    assert index["latest"] == "eval" and index["results"]["eval"]["file"] == "eval/eval.json"
+    info = json.loads((run / "eval" / "eval.json").read_text())
     assert info["accuracy"] == pytest.approx(acc, abs=1e-9) and f"accuracy {acc:.4f}" in proc.stdout
-    assert (run / "confusion.png").is_file() and np.array(info["confusion"]).sum() == 500
+    assert index["results"]["eval"]["accuracy"] == info["accuracy"]
+    assert (run / "eval" / "eval-confusion.png").is_file() and np.array(info["confusion"]).sum() == 500
+    assert 0 <= info["top5_accuracy"] <= 1 and info["top5_accuracy"] >= info["accuracy"]
 
 
 def test_agreement_with_the_teacher_on_shards_with_logits(shards, tmp_path):

@@ -82,11 +82,11 @@ def test_options_that_had_drifted_are_reachable_from_both(tmp_path):
 @pytest.mark.parametrize(
     "table, message",
     [
-        ('[select]\nstrategy = "magic"', "unknown --strategy 'magic'"),
-        ('[select]\nstrategy = "balanced"', "needs --n"),
-        ("[distill]\nsteps = 0", "--steps must be at least 1"),
-        ('[distill]\nsteps = 10\nlabels = "maybe"', "--labels must be teacher or true"),
-        ('[score]\nsources = ["x=synthetic:noise"]\nbatch-size = 0', "--batch-size must be > 0"),
+        ('[select]\nstrategy = "magic"', "unknown [select] strategy 'magic'"),
+        ('[select]\nstrategy = "balanced"', "needs [select] n"),
+        ("[distill]\nsteps = 0", "[distill] steps must be at least 1"),
+        ('[distill]\nsteps = 10\nlabels = "maybe"', "[distill] labels must be teacher or true"),
+        ('[score]\nsources = ["x=synthetic:noise"]\nbatch-size = 0', "line 5: [score] batch-size must be > 0"),
         ('[score]\nsources = ["x=synthetic:noise"]\npool = "elsewhere"', "unknown key 'pool'"),
     ],
 )

@@ -80,3 +80,21 @@ def test_pipe_reads_stop_early_without_error_but_a_failing_command_is_one():
         assert f.read(2) == b"y\n"
     with pytest.raises(OSError, match="exited with status 3"), storage.open_read("pipe:printf abc; exit 3") as f:
         assert f.read() == b"abc"
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [("", "is empty"), ("  ", "is empty"), ("/", "filesystem root"), ("//", "filesystem root"),
+     ("file:///", "filesystem root"), ("/tmp/..", "filesystem root"), ("s3://bucket", "bucket's root"),
+     ("s3://bucket/", "bucket's root"), ("gs://bucket//", "bucket's root"), ("s3://", "names no bucket"),
+     ("s3:///key", "names no bucket"), ("pipe:cat x", "can only be read")],
+)  # fmt: skip
+def test_a_target_that_is_empty_or_a_root_is_refused(url, message):
+    with pytest.raises(UserError, match=message) as e:
+        storage.target(url, "--pool")
+    assert str(e.value).startswith("--pool")
+
+
+def test_a_target_is_normalised():
+    assert storage.target(" pool/ ", "--out") == "pool" and storage.target("/data/p//", "--out") == "/data/p"
+    assert storage.target("s3://b/runs/r1/", "--out") == "s3://b/runs/r1" and storage.target(".", "--out") == "."

@@ -91,6 +91,17 @@ def test_job_runs_end_to_end_and_summarises(job):
     assert summary["selection"]["rows"] == 200 and set(summary["seconds"]) >= {"teacher", "score", "distill"}
     config = json.loads((work / "distill" / "run" / "config.json").read_text())
     assert config["teacher"] == str(work / "teacher" / "run") and config["mixup"] == 0.2 and config["crop"] == 1
+    # the summary as JSON beside the stages: what the job did and what came of it
+    written = json.loads((work / "summary.json").read_text())
+    assert written["job"] == "tiny" and Path(written["work"]).resolve() == work.resolve() and not written["dry_run"]
+    assert [s["stage"] for s in written["stages"]] == list(config_stages())
+    assert {s["action"] for s in written["stages"]} == {"run"}
+    assert written["summary"]["student_accuracy"] == summary["student_accuracy"]
+    assert Path(written["summary"]["student"]).resolve() == (work / "distill" / "run" / "student.pt").resolve()
+
+
+def config_stages() -> tuple[str, ...]:
+    return ("teacher", "score", "index", "select", "export", "eval", "distill", "report")
 
 
 def test_unchanged_stages_are_skipped_and_changed_ones_rerun(job, tmp_path):
@@ -152,6 +163,24 @@ def test_bad_specs_are_one_line_errors(tmp_path, text, message):
     proc = run_cli("pipelines", "run", str(tmp_path / "job.toml"))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_jobs_mistakes_name_the_table_and_key(teacher, tmp_path):
+    """The stages word their errors as CLI flags; in a job they name the TOML table and key instead, whether the
+    config refuses the value or the stage does when it runs."""
+    head = f'[job]\nwork = "{tmp_path / "work"}"\n[teacher]\nspec = "{teacher}"\n'
+    cases = [
+        ("[score]\nsources = []\n", "[score] sources", "line 6"),  # refused by the score stage as it runs
+        ('[score]\nsources = ["n=synthetic:noise?n=8&size=8"]\n[select]\nstrategy = "balanced"\n', "[select] n", ""),
+        ('[score]\nsources = ["n=synthetic:noise?n=8&size=8"]\nmax-error-rate = 2\n', "[score] max-error-rate",
+         "line 7"),
+    ]  # fmt: skip
+    for body, key, line in cases:
+        (tmp_path / "job.toml").write_text(head + body)
+        proc = run_cli("pipelines", "run", str(tmp_path / "job.toml"), "--no-progress")
+        assert proc.returncode == 2, proc.stderr
+        error = proc.stderr.strip().splitlines()[-1]
+        assert key in error and "--" not in error and line in error, error
 
 
 def test_shipped_specs_are_valid():
