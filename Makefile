@@ -36,7 +36,7 @@ demo: venv data
 	 else echo "Fashion-MNIST is not installed: running the digits demo"; $(BIN)/pipeline run pipelines/demo-digits.toml; fi
 
 test: venv data
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: venv
 	$(BIN)/ruff check .

@@ -28,10 +28,10 @@ from benchmarks._report import SMOKE, add_options, machine, table, write_section
 from curate.export import ExportConfig, export  # noqa: E402
 from curate.score import ScoreConfig, score  # noqa: E402
 from curate.select import SelectConfig, select  # noqa: E402
-from distill import models  # noqa: E402
 from distill.data import loader, open_shards  # noqa: E402
 from distill.losses import LossConfig, combine  # noqa: E402
 from distill.train import TrainConfig, train  # noqa: E402
+from kdcore import models  # noqa: E402
 
 BATCH = 256
 

@@ -35,7 +35,8 @@ from curate.score import score  # noqa: E402
 from curate.select import select  # noqa: E402
 from curate.sources import read_idx  # noqa: E402
 from curate.sources.builtin import FASHION_DIR  # noqa: E402
-from distill import models, zoo  # noqa: E402
+from kdcore import models  # noqa: E402
+from kdcore.models import zoo  # noqa: E402
 from kdcore.view import InputSpec  # noqa: E402
 
 

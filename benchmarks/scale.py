@@ -44,7 +44,7 @@ def engines(rows: int, work: Path = WORK, kinds: tuple[str, ...] = ("local", "ra
     import pyarrow.dataset as ds
 
     from curate.sources.builtin import FASHION_DIR
-    from distill import models
+    from kdcore import models
 
     work.mkdir(parents=True, exist_ok=True)
     spec = models.InputSpec(28, 1, (0.286,), (0.353,))
@@ -146,7 +146,7 @@ def unit_costs(n: int = 400, batch: int = 32) -> list[list]:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from distill.models import InputSpec
+    from kdcore.models import InputSpec
     from kdcore.view import to_pixels
 
     blobs = []

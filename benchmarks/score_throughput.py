@@ -35,7 +35,8 @@ from benchmarks._report import SMOKE, add_options, machine, table, write_section
 from curate.config import ScoreConfig  # noqa: E402
 from curate.score import score  # noqa: E402
 from curate.sources.synthetic import dead_leaves, glyphs  # noqa: E402
-from distill import models, zoo  # noqa: E402
+from kdcore import models  # noqa: E402
+from kdcore.models import zoo  # noqa: E402
 from kdcore.view import InputSpec, to_pixels  # noqa: E402
 
 BATCH = 256

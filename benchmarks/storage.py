@@ -86,7 +86,7 @@ def main() -> None:
     import s3fs
     import webdataset as wds
 
-    from distill import models
+    from kdcore import models
 
     work = Path(tempfile.mkdtemp(prefix="kdcurate-storage-"))
     data = photos(args.images, args.side)

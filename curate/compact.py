@@ -19,12 +19,11 @@ Error parts are left as they are (one per unit that had errors, usually few).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from curate.config import CompactConfig
+from curate.parts import next_name, write_parts
 from curate.pool import Pool
 from kdcore import progress, storage
 
@@ -91,85 +90,14 @@ def _tidy_and_plan(pool: Pool, source: str, target_rows: int) -> list[list[tuple
     return [g for g in groups if len(g) > 1]  # a lone part is as good as a compact file of one
 
 
-def _next_name(pool: Pool, source: str) -> str:
-    names = storage.glob(pool.url("units", source, "compact-*.json"))
-    names += storage.glob(storage.join(pool.samples_dir(source), "compact-*.parquet"))
-    numbers = [int(m.group(1)) for u in names if (m := re.match(r"compact-(\d+)", storage.name(u)))]
-    return f"compact-{max(numbers, default=0) + 1:06d}"
-
-
-def _write_parts(pool: Pool, url: str, parts: list[str], row_group_rows: int, advance=None,
-                 keep: Any = None) -> int:  # fmt: skip
-    """Stream `parts` (or one compact file filtered by `keep`) into one Parquet file of whole row groups."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = 0
-    with storage.open_write(url, tag="compact") as f:
-        writer: pq.ParquetWriter | None = None
-        buffer: list[pa.Table] = []
-        buffered = 0
-        try:
-            for part in parts:
-                fs, path = storage.arrow_filesystem(part)
-                table = pq.read_table(path, filesystem=fs)
-                if keep is not None:
-                    table = table.filter(keep(table))
-                writer = writer or pq.ParquetWriter(f, table.schema, compression="zstd")
-                buffer.append(table)
-                buffered += table.num_rows
-                if buffered >= row_group_rows:  # write whole row groups, carry the rest
-                    merged = pa.concat_tables(buffer)
-                    full = buffered - buffered % row_group_rows
-                    writer.write_table(merged.slice(0, full), row_group_size=row_group_rows)
-                    buffer, buffered = [merged.slice(full)], buffered - full
-                rows += table.num_rows
-                if advance:
-                    advance(table.num_rows)
-            if buffered:
-                writer.write_table(pa.concat_tables(buffer), row_group_size=row_group_rows)
-        finally:
-            if writer is not None:
-                writer.close()
-    return rows
-
-
 def _write_group(pool: Pool, source: str, group: list[tuple[str, int]], row_group_rows: int, advance) -> str:
-    name = _next_name(pool, source)
+    name = next_name(pool, source)
     url = storage.join(pool.samples_dir(source), f"{name}.parquet")
     parts = [pool.part(source, unit) for unit, _ in group]
-    rows = _write_parts(pool, url, parts, row_group_rows, advance)
+    rows = write_parts(pool, url, parts, row_group_rows, advance)
     manifest = {"units": [u for u, _ in group], "rows": rows, "written_at": time.time()}
     storage.write_json(pool.url("units", source, f"{name}.json"), manifest, tag="compact")
     pool.publish()  # readers of the snapshot switch to the compact file; then its parts can go
     for part in parts:
         storage.remove(part)
     return url
-
-
-def rewrite_without(pool: Pool, source: str, url: str, manifest: dict[str, Any], units: set[str]) -> None:
-    """Rewrite one compact file without `units` (they changed or left the source). The new manifest names
-    the old file in `replaces`, so readers switch over in one step; the old file and manifest go after."""
-    import pyarrow.compute as pc
-
-    old = storage.name(url).removesuffix(".parquet")
-    keep_units = [u for u in manifest["units"] if u not in units]
-    name = _next_name(pool, source)
-    if keep_units:
-        new_url = storage.join(pool.samples_dir(source), f"{name}.parquet")
-        rows = _write_parts(pool, new_url, [url], 131_072, keep=lambda t: pc.is_in(t["unit"], pa_array(keep_units)))
-    else:
-        rows = 0
-    record = {"units": keep_units, "rows": rows, "written_at": time.time(), "replaces": [old]}
-    storage.write_json(pool.url("units", source, f"{name}.json"), record, tag="compact")
-    pool.publish()
-    storage.remove(url)
-    storage.remove(pool.url("units", source, f"{old}.json"))
-    if not keep_units:
-        storage.remove(pool.url("units", source, f"{name}.json"))
-
-
-def pa_array(values: list[str]):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())

@@ -202,7 +202,7 @@ class SelectConfig:
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         STRATEGIES[self.strategy].check(self)
-        from curate.query import expression  # DuckDB's parser: one expression, nothing more
+        from curate.sqlcheck import expression  # DuckDB's parser: one expression, nothing more
 
         if self.where is not None:
             expression(self.where, "--where")

@@ -301,7 +301,7 @@ class Pool:
         for url, manifest in self.compacted(source).items():
             held = set(manifest["units"]) & units
             if held:
-                from curate.compact import rewrite_without
+                from curate.parts import rewrite_without
 
                 rewrite_without(self, source, url, manifest, held)
         for unit in sorted(units):

@@ -11,7 +11,7 @@ Macros for the things people want over logits:
 
 Read-only by construction: a query must be exactly one SELECT (or EXPLAIN) statement, so COPY, ATTACH,
 INSTALL, SET and the like never run; results leave only through --out, written by this module from the
-result stream. `--where` and `--score` of `curate select` are checked to be one expression (`expression`).
+result stream. `--where` and `--score` of `curate select` are checked to be one expression (`curate/sqlcheck.py`).
 A pool on object storage is read through its fsspec filesystem, registered with DuckDB.
 """
 
@@ -135,39 +135,6 @@ def read_only(query: str) -> str:
         raise UserError(f"curate sql is read-only: {kind} statements are refused; write results with "
                         "--format csv|json|parquet --out FILE")  # fmt: skip
     return query.strip().rstrip(";")
-
-
-def expression(text: str, what: str, con: duckdb.DuckDBPyConnection | None = None) -> str:
-    """`text` when it is exactly one SQL expression, so it can stand inside ( ) of a query the tool writes;
-    a UserError otherwise. DuckDB's own parser decides: `SELECT (text) AS __x FROM samples` must parse to one
-    plain SELECT with one item, from samples, with no WHERE, GROUP BY, set operation, CTE or modifier
-    (whatever closes the parenthesis early or comments the rest out changes that shape)."""
-    if not text or not text.strip():
-        raise UserError(f"{what} is empty")
-    probe = f"SELECT ({text}) AS __x FROM samples"
-    con = con or duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [probe]).fetchall()[0][0])
-    if tree.get("error"):
-        raise UserError(f"{what} is not a valid SQL expression: {tree.get('error_message', '').splitlines()[0]}")
-    statements = tree.get("statements", [])
-    node = statements[0]["node"] if len(statements) == 1 else {}
-    table = node.get("from_table") or {}
-    plain = (
-        node.get("type") == "SELECT_NODE"
-        and len(node.get("select_list", [])) == 1
-        and table.get("type") == "BASE_TABLE"
-        and table.get("table_name") == "samples"
-        and not table.get("alias")
-        and not any(
-            node.get(k)
-            for k in ("where_clause", "group_expressions", "having", "qualify", "modifiers", "sample", "group_sets")
-        )
-        and not (node.get("cte_map") or {}).get("map")
-    )
-    if not plain:
-        raise UserError(f"{what} must be one SQL expression over the samples' columns (e.g. \"energy > 3\"); "
-                        f"{text!r} is not")  # fmt: skip
-    return text
 
 
 def sql(cfg: SqlConfig, as_json: bool = False) -> int:

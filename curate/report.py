@@ -26,9 +26,10 @@ import numpy as np
 from curate import report_plots as plots
 from curate.config import ReportConfig
 from curate.pool import Pool
-from curate.query import connect, expression
+from curate.query import connect
 from curate.scores import DERIVED, SCORES, two_component_split
 from curate.select import rel_entropy
+from curate.sqlcheck import expression
 from kdcore import storage
 from kdcore.errors import UserError
 

@@ -31,8 +31,7 @@ from curate.scoring import (
     write_unit,
 )
 from curate.sources import Source, Unit, parse_sources
-from distill import models
-from kdcore import progress, storage
+from kdcore import models, progress, storage
 from kdcore.errors import UserError
 
 ARRAY_KINDS = ("idx", "npy", "synthetic", "builtin")

@@ -22,7 +22,7 @@ from curate.pool import Pool, error_schema, sample_schema
 from curate.scores import SCORES
 from curate.sources import RawSample, ReadError, Source, Unit, content_hash, uid_of
 from curate.teacher import ScoringModel, logit_scores, odin_score
-from distill import models
+from kdcore import models
 from kdcore.errors import UserError
 from kdcore.specs import parse_topk, topk_k
 from kdcore.tensors import Normalize, resolve_device

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import duckdb
@@ -22,7 +23,8 @@ import pyarrow as pa
 
 from curate.config import SelectConfig
 from curate.pool import Pool
-from curate.query import connect, expression
+from curate.query import connect
+from curate.sqlcheck import expression
 from curate.strategies import STRATEGIES, Context, Picked
 from kdcore import storage
 from kdcore.errors import UserError
@@ -64,7 +66,15 @@ def select(cfg: SelectConfig) -> SelectResult:
     where = f"WHERE ({expression(cfg.where, '--where', con)})" if cfg.where else ""
     if strategy.scored:
         expression(cfg.score, "--score", con)
-    ctx = Context(cfg, con, pool, meta, where, np.random.default_rng(cfg.seed))
+    ctx = Context(
+        cfg,
+        con,
+        pool,
+        meta,
+        where,
+        np.random.default_rng(cfg.seed),
+        neighbours=SimpleNamespace(near=near, cluster=cluster, embed_references=embed_references),
+    )
     try:
         picked = strategy.run(ctx)
         candidates = picked.candidates if picked.candidates is not None else _count(con, where)
@@ -237,7 +247,7 @@ def embed_references(meta: dict[str, Any], specs: list[str], unit_norm: bool = T
     from curate.scoring import UnitBatches
     from curate.sources import parse_sources
     from curate.teacher import ScoringModel
-    from distill import models
+    from kdcore import models
     from kdcore.tensors import Normalize
     from kdcore.view import InputSpec
 

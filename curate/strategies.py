@@ -50,6 +50,7 @@ class Context:
     meta: dict[str, Any]
     where: str  # "WHERE (...)" or ""
     rng: np.random.Generator
+    neighbours: Any = None  # select.py's near / cluster / embed_references: strategies never import select
     _cands: dict[str, np.ndarray] | None = None
 
     @property
@@ -297,20 +298,16 @@ def _random(ctx: Context) -> Picked:
 
 
 def _near(ctx: Context) -> Picked:
-    from curate.select import embed_references, near
-
     c = ctx.candidates(ordered=True, with_score=False)
-    refs = embed_references(ctx.meta, ctx.cfg.references)
-    uid, score = near(ctx.pool, ctx.con, refs, c["uid"], ctx.cfg.n, ctx.cfg.k, restrict=bool(ctx.where),
+    refs = ctx.neighbours.embed_references(ctx.meta, ctx.cfg.references)
+    uid, score = ctx.neighbours.near(ctx.pool, ctx.con, refs, c["uid"], ctx.cfg.n, ctx.cfg.k, restrict=bool(ctx.where),
                       nprobe=ctx.cfg.nprobe)  # fmt: skip
     return Picked(uid, score)
 
 
 def _diverse(ctx: Context) -> Picked:
-    from curate.select import cluster
-
     c = ctx.candidates(ordered=True)
-    assign, clusters = cluster(ctx.con, c["uid"], ctx.where, ctx.cfg.clusters, ctx.cfg.seed)
+    assign, clusters = ctx.neighbours.cluster(ctx.con, c["uid"], ctx.where, ctx.cfg.clusters, ctx.cfg.seed)
     idx = _quota_pick(assign, clusters, ctx.cfg.n, np.lexsort((np.arange(len(assign)), -c["score"])).argsort())
     return Picked(c["uid"][idx], c["score"][idx])
 

@@ -31,9 +31,9 @@ from torch import nn
 
 from distill.config import EvalConfig
 from distill.data import Shards, loader, open_shards
-from distill.models import LoadedModel, load
 from kdcore import storage
 from kdcore.errors import UserError
+from kdcore.models import LoadedModel, load
 from kdcore.tensors import Normalize, resolve_device
 from kdcore.view import DecodeError, InputSpec, to_pixels
 

@@ -20,11 +20,11 @@ from distill.config import FinetuneConfig
 from distill.data import loader, open_shards
 from distill.evaluate import evaluate_model, load_run, run_folder
 from distill.metrics import write_json
-from distill.models import LoadedModel, save_checkpoint
 from distill.rundir import RunDir
 from distill.train import FitConfig, fit_arrays
 from kdcore import storage
 from kdcore.errors import UserError
+from kdcore.models import LoadedModel, save_checkpoint
 from kdcore.tensors import Normalize, resolve_device
 
 

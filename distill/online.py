@@ -1,7 +1,7 @@
 """The online teacher: it labels the exact view the student trains on (augmented, mixed), and gives the
 features that feature and relational distillation compare against.
 
-The teacher is loaded from any teacher spec by `distill.models.load` (the same specs as `curate score`),
+The teacher is loaded from any teacher spec by `kdcore.models.load` (the same specs as `curate score`),
 frozen, in eval mode on the training device, and run under `inference_mode` (bf16 autocast on CUDA).
 Batches arrive in [0, 1] at the shards' size; the teacher's own preprocessing (size, channels, mean,
 std) is applied here, so a teacher that expects 32×32 RGB can teach a 28×28 grey student.
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.models import load
 from kdcore.errors import UserError
+from kdcore.models import load
 from kdcore.tensors import Normalize
 from kdcore.view import InputSpec
 

@@ -31,14 +31,14 @@ from distill.augment import AugmentConfig, augment
 from distill.config import TrainConfig
 from distill.data import Shards, loader, open_shards
 from distill.evaluate import evaluate_model, save_result
-from distill.kinds import first_line
 from distill.losses import TERMS, Features, LossConfig, active_terms, combine, projection
 from distill.metrics import append_metrics, plot_curves, read_metrics, write_json
-from distill.models import build, load, save_checkpoint
 from distill.online import OnlineTeacher, Tap, to_view
 from distill.rundir import RunDir
 from kdcore import progress, storage
 from kdcore.errors import UserError
+from kdcore.models import build, load, save_checkpoint
+from kdcore.models.kinds import first_line
 from kdcore.tensors import Normalize, resolve_device
 from kdcore.view import InputSpec
 

@@ -161,9 +161,9 @@ def _check_specs(job: Job) -> None:
 
 
 def _check_teacher(where: str, spec: str) -> None:
-    """The teacher spec's kind is known, or it names a checkpoint or run directory (as distill.models.load
+    """The teacher spec's kind is known, or it names a checkpoint or run directory (as kdcore.models.load
     decides; the weights are read when the teacher stage runs)."""
-    from distill.kinds import TEACHER_KINDS, usage
+    from kdcore.models.kinds import TEACHER_KINDS, usage
     from kdcore.specs import split_options
 
     head, _ = split_options(spec.strip(), f"teacher spec {storage.redact(spec)!r}")
@@ -364,7 +364,7 @@ def fingerprint(stage: str, params: dict, upstream: dict[str, str], job: Job) ->
     h = hashlib.sha256(json.dumps({"stage": stage, "params": params, "upstream": upstream}, sort_keys=True,
                                   default=str).encode())  # fmt: skip
     if stage == "teacher" and "spec" in params:
-        from distill.models import spec_files
+        from kdcore.models import spec_files
 
         for f in spec_files(params["spec"]):
             h.update(f.encode())
@@ -385,7 +385,7 @@ def _file_digest(path: str) -> str:
 
 def _teacher(job: Job, cfg: TrainConfig | None) -> dict:
     if cfg is None:
-        from distill import models
+        from kdcore import models
 
         return {"spec": job.teacher, "classes": len(models.load(job.teacher).classes)}
     from curate.export import export

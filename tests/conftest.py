@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from curate.config import ScoreConfig
 from curate.score import score
 from curate.sources.builtin import digits as load_digits
-from distill import models
 from distill.train import FitConfig, fit_arrays, to_input
+from kdcore import models
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = models.InputSpec(8, 1, (0.25,), (0.35,))

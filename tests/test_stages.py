@@ -14,8 +14,8 @@ from curate.config import ExportConfig, ScoreConfig, SelectConfig
 from curate.export import export
 from curate.score import score
 from curate.select import select
-from distill import models
 from distill.data import loader, open_shards
+from kdcore import models
 from kdcore.tensors import Normalize
 from tests.conftest import CORRUPT, odd_images, rgb_teacher, run_cli, write_odd_folder
 
@@ -194,7 +194,7 @@ def test_a_1000_class_teacher_with_named_classes(tmp_path):
     names = [f"n{i:05d} thing number {i}" for i in range(1000)]
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
     (tmp_path / "short.txt").write_text("\n".join(names[:999]) + "\n")
-    base = "python:distill.models:mlp?in_channels=3&num_classes=1000&hidden=32&size=28&channels=3&mean=0.5&std=0.25"
+    base = "python:kdcore.models:mlp?in_channels=3&num_classes=1000&hidden=32&size=28&channels=3&mean=0.5&std=0.25"
     pool = tmp_path / "pool"
     proc = run_cli("curate", "score", "--teacher", f"{base}&classes=@{tmp_path / 'short.txt'}", "--pool", str(pool),
                    "--source", "n=synthetic:noise?n=30&size=28")  # fmt: skip
@@ -219,7 +219,7 @@ def test_a_1000_class_teacher_with_named_classes(tmp_path):
 
 def test_preprocessing_is_stated_never_assumed(tmp_path):
     """A python: teacher without mean/std: one warning naming the values used."""
-    spec = "python:distill.models:mlp?in_channels=1&num_classes=10&size=28&channels=1"
+    spec = "python:kdcore.models:mlp?in_channels=1&num_classes=10&size=28&channels=1"
     proc = run_cli("curate", "score", "--teacher", spec, "--pool", str(tmp_path / "p"), "--source",
                    "n=synthetic:noise?n=20&size=28", "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stderr

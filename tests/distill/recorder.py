@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.models import SmallCNN
+from kdcore.models import SmallCNN
 
 INPUTS: list[torch.Tensor] = []
 

@@ -7,13 +7,13 @@ import torch
 
 from curate.config import ScoreConfig
 from curate.score import score
-from distill import models
+from kdcore import models
 from kdcore.errors import UserError
 
 
 def test_checkpoint_round_trip_with_weights_only(teacher):
     ckpt = torch.load(teacher, weights_only=True)
-    assert ckpt["factory"] == "distill.models:small_cnn" and ckpt["input"]["size"] == 8
+    assert ckpt["factory"] == "kdcore.models:small_cnn" and ckpt["input"]["size"] == 8
     loaded = models.load(str(teacher))
     assert loaded.fingerprint == models.load(str(teacher)).fingerprint
     assert loaded.classes == [str(i) for i in range(10)] and not loaded.model.training
@@ -69,10 +69,10 @@ def test_torchvision_spec_with_preprocessing(tmp_path):
 
 
 def test_python_factory_spec_and_missing_preprocessing():
-    m = models.load("python:distill.models:small_cnn?width=4&num_classes=3&in_channels=1&size=8&channels=1")
+    m = models.load("python:kdcore.models:small_cnn?width=4&num_classes=3&in_channels=1&size=8&channels=1")
     assert m.classes == ["0", "1", "2"] and m.kwargs == {"width": 4, "num_classes": 3, "in_channels": 1}
     with pytest.raises(UserError, match="records no input preprocessing"):
-        models.load("python:distill.models:small_cnn?width=4")
+        models.load("python:kdcore.models:small_cnn?width=4")
 
 
 def test_torchscript_teacher_scores_without_hooks(tmp_path, teacher):

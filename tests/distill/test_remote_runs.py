@@ -11,11 +11,11 @@ import s3fs
 
 from curate.config import ExportConfig
 from curate.export import export
-from distill import models
 from distill.config import EvalConfig, FinetuneConfig, TrainConfig
 from distill.evaluate import evaluate
 from distill.finetune import finetune
 from distill.train import train as train_fn
+from kdcore import models
 from kdcore.errors import UserError
 from tests.conftest import ROOT, run_cli
 
@@ -63,7 +63,7 @@ def test_a_run_on_s3_trains_resumes_evaluates_and_teaches(s3, teacher, tmp_path)
     local = models.load(str(teacher))
     assert models.load(f"{bucket}/teacher.pt").fingerprint == local.fingerprint
     assert models.load(run).classes == [str(i) for i in range(10)]
-    arch = models.load(f"python:distill.models:small_cnn?width=8&weights={bucket}/teacher.pt&size=8&channels=1")
+    arch = models.load(f"python:kdcore.models:small_cnn?width=8&weights={bucket}/teacher.pt&size=8&channels=1")
     assert arch.fingerprint == local.fingerprint
     with pytest.raises(UserError, match="run not found: s3://"):
         evaluate(EvalConfig(f"{bucket}/runs/nope", str(shards)))

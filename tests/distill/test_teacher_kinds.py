@@ -12,7 +12,7 @@ import torch
 
 from curate.config import ScoreConfig
 from curate.score import score
-from distill import models
+from kdcore import models
 from kdcore.errors import UserError
 
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))

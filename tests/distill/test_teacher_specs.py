@@ -6,11 +6,11 @@ import io
 
 import pytest
 
-from distill import models
+from kdcore import models
 from kdcore.errors import UserError
 from tests.conftest import run_cli
 
-TINY = "python:distill.models:small_cnn?in_channels=1&width=2&size=8&channels=1&mean=0.5&std=0.5"
+TINY = "python:kdcore.models:small_cnn?in_channels=1&width=2&size=8&channels=1&mean=0.5&std=0.5"
 
 
 def tiny_checkpoint(path, classes: int = 3) -> bytes:
@@ -74,5 +74,5 @@ def test_well_known_class_lists_by_name(capsys):
 def test_class_list_ships_inside_the_package():
     from importlib.resources import files
 
-    assert files("distill").joinpath("classes", "imagenet.txt").is_file()
+    assert files("kdcore.models").joinpath("classes", "imagenet.txt").is_file()
     assert models.known_classes("imagenet")[-1] == "toilet tissue"

@@ -18,11 +18,11 @@ from curate.config import ExportConfig, SelectConfig
 from curate.export import export
 from curate.select import select
 from curate.sources.builtin import digits as load_digits
-from distill import models
 from distill.config import EvalConfig, TrainConfig
 from distill.data import loader, open_shards, rank_shards
 from distill.evaluate import evaluate
 from distill.train import train
+from kdcore import models
 from kdcore.errors import UserError
 from tests.conftest import ROOT, run_cli
 
@@ -57,7 +57,7 @@ def test_student_distilled_from_the_pool_beats_chance(shards, tmp_path):
     assert [r["step"] for r in evals] == [50, 100, 150]
     # the checkpoint loads with weights_only=True and as the next teacher
     ckpt = torch.load(run / "student.pt", weights_only=True)
-    assert ckpt["factory"] == "distill.models:small_cnn" and ckpt["classes"] == [str(i) for i in range(10)]
+    assert ckpt["factory"] == "kdcore.models:small_cnn" and ckpt["classes"] == [str(i) for i in range(10)]
     student = models.load(str(run))
     x, y = load_digits()
     xt = ((torch.from_numpy(x[1000:1500]).float() / 255 - student.input.mean[0]) / student.input.std[0])[:, None]

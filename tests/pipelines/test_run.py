@@ -195,12 +195,12 @@ def test_a_changed_weights_file_reruns_the_teacher_and_score_stages(teacher, tmp
     """The teacher's fingerprint follows every file its spec reads: here the weights= of a python: spec."""
     import torch
 
-    from distill import models
+    from kdcore import models
 
     weights = tmp_path / "weights.pt"
     state = models.load(str(teacher)).model.state_dict()
     torch.save(state, weights)
-    spec = (f"python:distill.models:small_cnn?in_channels=1&num_classes=10&width=8&weights={weights}"
+    spec = (f"python:kdcore.models:small_cnn?in_channels=1&num_classes=10&width=8&weights={weights}"
             "&size=8&channels=1&mean=0.25&std=0.35")  # fmt: skip
     job = tmp_path / "job.toml"
     job.write_text(f'[job]\nwork = "{tmp_path / "work"}"\n[teacher]\nspec = "{spec}"\n'
@@ -224,7 +224,7 @@ def test_the_imagenet_teacher_of_the_shipped_job_sees_photos():
     import tomllib
     import torch
 
-    from distill import models
+    from kdcore import models
     from kdcore.tensors import Normalize
     from kdcore.view import to_pixels
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.zoo import call, torchvision_model, trusted_factory
 from kdcore import storage
 from kdcore.errors import UserError
+from kdcore.models.zoo import call, torchvision_model, trusted_factory
 from kdcore.specs import parse_value
 from kdcore.view import InputSpec
 
@@ -97,7 +97,7 @@ def _torchvision(location: str, opts: dict[str, str], weights: str | None, pre: 
     ckpt = read_checkpoint(weights) if weights else None
     if "num_classes" not in kwargs and ckpt is not None and ckpt.get("classes"):
         kwargs["num_classes"] = len(ckpt["classes"])
-    factory = "distill.models:torchvision_model"
+    factory = "kdcore.models:torchvision_model"
     model = call(factory, torchvision_model, kwargs)
     channels = int(kwargs.get("in_channels", 3))
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))

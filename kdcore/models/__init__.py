@@ -1,7 +1,7 @@
 """Every network kdcurate builds or loads, through one door: `load(spec)` for any teacher spec (the kinds in
-distill/kinds.py), `build(name, ...)` for the zoo's students (distill/zoo.py), `save_checkpoint` for what
-`distill train` writes. `curate` imports this module (and only this one) from `distill`: a student written by
-`distill train` is the next teacher of `curate score`.
+kinds.py), `build(name, ...)` for the zoo's students (zoo.py), `save_checkpoint` for what `distill train` writes.
+Both stages import it from here, so a student written by `distill train` is the next teacher of `curate score`
+and `curate` never imports `distill`. It imports torch: the light commands (`curate sql`, `--help`) never import it.
 
 Every spec also takes the input preprocessing (size, channels (1|3), mean, std: comma lists) and the class
 names (classes=a,b,c or classes=@FILE with one name per line). A checkpoint never names code to run: its
@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.kinds import (
+from kdcore import storage
+from kdcore.errors import UserError
+from kdcore.models.kinds import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDOM,
@@ -33,9 +35,17 @@ from distill.kinds import (
     register_kind,
     usage,
 )
-from distill.zoo import MLP, TRUSTED_FACTORIES, ZOO, SmallCNN, build, mlp, small_cnn, torchvision_model, trusted_factory
-from kdcore import storage
-from kdcore.errors import UserError
+from kdcore.models.zoo import (
+    MLP,
+    TRUSTED_FACTORIES,
+    ZOO,
+    SmallCNN,
+    build,
+    mlp,
+    small_cnn,
+    torchvision_model,
+    trusted_factory,
+)
 from kdcore.specs import split_options
 from kdcore.view import InputSpec
 
@@ -181,10 +191,10 @@ def _finish(built: Built, spec: str, pre: dict[str, str], classes_opt: str | Non
 
 
 def known_classes(name: str) -> list[str]:
-    """A class list shipped with the package (distill/classes/NAME.txt), in the order its models output them."""
+    """A class list shipped with the package (kdcore/models/classes/NAME.txt), in the order its models output them."""
     from importlib.resources import files
 
-    text = files("distill").joinpath("classes", KNOWN_CLASSES[name]).read_text(encoding="utf-8")
+    text = files("kdcore.models").joinpath("classes", KNOWN_CLASSES[name]).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -96,21 +96,23 @@ def torchvision_model(arch: str, num_classes: int = 1000, in_channels: int = 3, 
 
 # the constructors a checkpoint may name (nothing else is ever imported on a checkpoint's word)
 TRUSTED_FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "distill.models:small_cnn": small_cnn,
-    "distill.models:mlp": mlp,
-    "distill.models:torchvision_model": torchvision_model,
+    "kdcore.models:small_cnn": small_cnn,
+    "kdcore.models:mlp": mlp,
+    "kdcore.models:torchvision_model": torchvision_model,
 }
+# the names checkpoints written before the models moved into kdcore carry
+TRUSTED_FACTORIES.update({name.replace("kdcore.", "distill.", 1): fn for name, fn in list(TRUSTED_FACTORIES.items())})
 
 # name -> (factory, kwargs); `distill train --student NAME` and pipelines refer to these names.
 ZOO: dict[str, tuple[str, dict[str, Any]]] = {
-    "cnn-tiny": ("distill.models:small_cnn", {"width": 8}),
-    "cnn-small": ("distill.models:small_cnn", {"width": 16}),
-    "cnn": ("distill.models:small_cnn", {"width": 32}),
-    "cnn-wide": ("distill.models:small_cnn", {"width": 64}),
-    "mlp": ("distill.models:mlp", {}),
-    "resnet18": ("distill.models:torchvision_model", {"arch": "resnet18", "small_input": True}),
-    "mobilenet_v2": ("distill.models:torchvision_model", {"arch": "mobilenet_v2"}),
-    "shufflenet_v2": ("distill.models:torchvision_model", {"arch": "shufflenet_v2_x1_0"}),
+    "cnn-tiny": ("kdcore.models:small_cnn", {"width": 8}),
+    "cnn-small": ("kdcore.models:small_cnn", {"width": 16}),
+    "cnn": ("kdcore.models:small_cnn", {"width": 32}),
+    "cnn-wide": ("kdcore.models:small_cnn", {"width": 64}),
+    "mlp": ("kdcore.models:mlp", {}),
+    "resnet18": ("kdcore.models:torchvision_model", {"arch": "resnet18", "small_input": True}),
+    "mobilenet_v2": ("kdcore.models:torchvision_model", {"arch": "mobilenet_v2"}),
+    "shufflenet_v2": ("kdcore.models:torchvision_model", {"arch": "shufflenet_v2_x1_0"}),
 }
 
 
