@@ -456,11 +456,7 @@ def image_bytes(data: bytes | np.ndarray, validate: bool = False, image: dict[st
     if image["format"] != "keep" or image["size"] != "original":
         return _reencode(data, image, view)
     if isinstance(data, bytes):
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                fmt = probe.format
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DecodeError(f"not an image: {e}") from None
+        fmt = _probe_format(data)
         if fmt in KEEP_FORMATS and not validate:
             return KEEP_FORMATS[fmt], data
         img, _ = open_image(data)  # first frame, orientation applied, bombs and corrupt files refused
@@ -480,14 +476,17 @@ def image_bytes(data: bytes | np.ndarray, validate: bool = False, image: dict[st
     return "png", buf.getvalue()
 
 
+def _probe_format(data: bytes) -> str | None:
+    """The encoded file's format as Pillow names it (header only); a DecodeError when it is no image."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.format
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(f"not an image: {e}") from None
+
+
 def _reencode(data: bytes | np.ndarray, image: dict[str, Any], view: dict[str, Any] | None) -> tuple[str, bytes]:
-    source_format = None
-    if isinstance(data, bytes):
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                source_format = probe.format
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DecodeError(f"not an image: {e}") from None
+    source_format = _probe_format(data) if isinstance(data, bytes) else None
     if image["size"] == "view":
         if view is None:
             raise UserError("--image-size view needs the teacher's input preprocessing; none is known")
