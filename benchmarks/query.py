@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import SMOKE, add_options, machine, table, write_section  # noqa: E402
 
 C, D, UNIT = 10, 64, 250_000
+BN = 48  # BatchNorm layers per sample (bn_layers), as many as EfficientNet-Lite0 has
 SOURCES = {"related": 0.1, "photos": 0.3, "synthetic": 0.3, "noise": 0.3}
 
 
@@ -48,13 +49,14 @@ def score_columns(logits: np.ndarray, emb: np.ndarray, centers: np.ndarray, rela
     feat = np.linalg.norm(emb, axis=1)
     basis, _ = np.linalg.qr(centers.T)  # orthonormal basis of the span of the class weight vectors
     w = centers[pred]
+    layers = np.abs(rng.normal(size=(len(emb), BN))).astype(np.float32) * (0.5 if related else 1.5)
     hooks = {
-        "bn_score": -np.abs(rng.normal(size=len(emb))) * (0.5 if related else 1.5),
+        "bn_score": -layers.mean(1),
         "feat_norm": feat,
         "proj_score": (emb * w).sum(1) / np.linalg.norm(w, axis=1),
         "span_score": np.linalg.norm(emb @ basis, axis=1) / feat,
     }
-    out = {"pred": pred.astype(np.int16)}
+    out = {"pred": pred.astype(np.int16), "bn_layers": pa.FixedSizeListArray.from_arrays(layers.ravel(), BN)}
     for name in score_names():
         value = cols.get(name, hooks.get(name))
         out[name] = (value if value is not None else rng.normal(1.0 if related else 0.0, 1.0, len(emb))).astype(
@@ -72,7 +74,7 @@ def make_pool(root: Path, rows: int, unit: int = UNIT) -> None:
     from curate.sources import uid_of
 
     pool = Pool(root)
-    schema = sample_schema(C, D, "full", False)
+    schema = sample_schema(C, D, "full", False, bn_layers=BN)
     if pool.exists() and unit == UNIT:
         meta = json.loads(Path(pool.meta_url).read_text())
         if meta.get("bench_rows") == rows and meta.get("bench_columns") == schema.names:
@@ -146,13 +148,23 @@ def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
             .fetchall()
         )
         detail = f"{len(r)} sources"
+    elif name.startswith("derived scores"):
+        import shutil
+
+        from curate.query import store_derived
+
+        shutil.rmtree(Path(pool, "derived"), ignore_errors=True)  # measured from nothing
+        info = store_derived(pool)
+        detail = "already stored" if info is None else f"bn_z over {BN} layers, auto; {info['rows']:,} rows"
     elif name.startswith("index"):
         from curate.config import IndexConfig
         from curate.index import index
 
         kind = "flat" if "flat" in name else "ivf-pq"
         r = index(IndexConfig(pool, kind=kind, memory=memory, show_progress=False))
-        detail = f"{r.factory}, recall@10 {r.recall_at_10:.3f}, {r.bytes / 2**20:.0f} MiB"
+        info = json.loads(Path(pool, "index", "embeddings.json").read_text())
+        detail = (f"{r.factory}, recall@10 {r.recall_at_10:.3f}, {r.bytes / 2**20:.0f} MiB; of which the neighbour "
+                  f"graph and auto_knn {info.get('neighbours_seconds', 0):.0f} s")  # fmt: skip
     elif name.startswith("near"):
         import faiss
 
@@ -176,9 +188,13 @@ def op(name: str, pool: str, out: str, rows: int, memory: str = "1GB") -> dict:
         kw = {
             "top-per-class": dict(strategy="top-per-class", per_class=100_000, score="energy"),
             "weighted draw 1M": dict(strategy="weighted", n=min(1_000_000, rows // 10), temperature=0.5),
-        }[name]
+            "default selection": dict(n=min(1_000_000, rows // 10)),  # curate select POOL --n N
+        }[name.split(" (")[0]]
         r = select(SelectConfig(pool=pool, out=out, **kw))
         detail = f"{r.rows:,} rows selected"
+        if name.startswith("default"):
+            info = json.loads(Path(out, "selection.json").read_text())
+            detail += f" by {info['score']} ({info.get('auto_knn', '')[:40]}...)"
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "detail": detail}
 
@@ -297,10 +313,17 @@ def main() -> None:
         return
     make_pool(Path(args.pool), args.rows, unit=UNIT if not args.smoke else 500)
     disk = sum(p.stat().st_size for p in Path(args.pool, "samples").rglob("*.parquet"))
-    bars = {"group-by per source": 2.0, "top-per-class": 10.0}
-    ops = ["group-by per source", "predicted-class histogram + rel_entropy", "top-per-class", "weighted draw 1M",
+    bars = {
+        "group-by per source": 2.0,
+        "top-per-class": 10.0,
+        "default selection (before the index)": 10.0,
+        "default selection (after the index)": 10.0,
+    }
+    ops = ["derived scores (bn_z, auto: once per state of the pool)", "group-by per source",
+           "predicted-class histogram + rel_entropy", "top-per-class", "weighted draw 1M",
+           "default selection (before the index)",
            f"index ({'flat' if args.smoke else 'IVF-PQ'} build over {args.rows:,})", "near (1k refs, filtered)",
-           "near (1k refs, filtered, nprobe 32)"]  # fmt: skip
+           "near (1k refs, filtered, nprobe 32)", "default selection (after the index)"]  # fmt: skip
     cache = Path(args.pool).parent / f"query-results-{args.rows}.json"
     done = json.loads(cache.read_text()) if cache.exists() and args.only else {}
     rows = []
@@ -335,7 +358,12 @@ def main() -> None:
         "`near` searches the IVF-PQ index for 1,000 reference embeddings (400 neighbours each) through an "
         "`IDSelectorBatch` of the 7M uids the SQL filter keeps, then ranks the 0.4M candidates by their exact "
         "cosine to the 10th-nearest reference; its cost is the number of probed lists (the index's default "
-        "nprobe 256, widened by 1/0.7 for the filter, or `--nprobe 32`).\n\n"
+        "nprobe 256, widened by 1/0.7 for the filter, or `--nprobe 32`). The pool stores 48 BatchNorm deviations "
+        "per sample (`bn_layers`, as EfficientNet-Lite0 has), so `bn_z` and `auto` are what a real teacher gives; "
+        "they are computed once per state of the pool (`curate score` does it as it ends) and joined to `samples` "
+        "after. The default selection is `curate select POOL --n 1000000` (strategy related by `auto_knn`): "
+        "before the index `auto_knn` is `auto`; `curate index` adds the neighbour graph (every sample searched "
+        "for its 20 nearest, 8 lists probed) and stores `auto_knn`.\n\n"
         + table(["operation", "seconds", "peak RSS MiB", "detail", "bar"], rows)
     )
     write_section("query", body, args.doc)

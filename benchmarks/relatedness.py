@@ -88,6 +88,7 @@ class Pair:
     student: str = "cnn-tiny"
     steps: int = 1000
     batch: int = 128
+    knows: bool = True  # the teacher was trained on the task's kind of data (the bars apply; not digits-shift)
     online: bool = True  # online rows: the teacher on every augmented view
     flip: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -292,7 +293,7 @@ PAIRS = {
                         "glyphs=synthetic:glyphs?n=3000&size=28", "leaves=synthetic:dead-leaves?n=3000&size=28",
                         "shaders=synthetic:shaders?n=3000&size=28", "noise=synthetic:noise?n=3000&size=28"],
              ("digits",), 600, "test=builtin:digits?start=1300", refs="r=builtin:digits?start=1200&stop=1220",
-             few="few=builtin:digits?start=1200&stop=1300", flip=False),
+             few="few=builtin:digits?start=1200&stop=1300", flip=False, knows=False),
         Pair("fashion-mlp", "an MLP without BatchNorm on Fashion-MNIST; the demo's pool",
              trained("fashion-mlp", FASHION_TRAIN, "mlp", 800),
              lambda w: FASHION_POOL, ("fashion",), 5000, FASHION_TEST,
@@ -340,7 +341,7 @@ def columns(pool: Path) -> dict[str, np.ndarray]:
     names = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
     from curate.scores import DERIVED, SCORES
 
-    want = ["uid", "source", "pred"] + [s for s in [*SCORES, *DERIVED] if s in names]
+    want = ["uid", "source", "pred"] + [s for s in [*SCORES, *DERIVED, "auto_knn"] if s in names]
     want += ["bn_layers"] if "bn_layers" in names else []
     t = con.sql(f"SELECT {', '.join(want)} FROM samples ORDER BY uid").to_arrow_table()
     out = {c: t.column(c).to_numpy(zero_copy_only=False) for c in want if c != "bn_layers"}
@@ -378,7 +379,8 @@ def candidates(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The pool's scores, plus combinations worth testing (computed from the pool alone)."""
     from curate.scores import DERIVED, SCORES
 
-    out = {s: c[s].astype(np.float64) for s in [*SCORES, *DERIVED] if s in c and not np.isnan(c[s].astype(float)).all()}
+    out = {s: c[s].astype(np.float64) for s in [*SCORES, *DERIVED, "auto_knn"]
+           if s in c and not np.isnan(c[s].astype(float)).all()}  # fmt: skip
     if "bn_layers" in c:
         layers = c["bn_layers"].astype(np.float64)
         half = layers.shape[1] // 2
@@ -447,7 +449,11 @@ def precision_rows(pair: Pair, pool: Path, sel_dir: Path, default_score: str) ->
         "balanced": {"strategy": "balanced", "n": pair.n},
         "diverse": {"strategy": "diverse", "n": pair.n, "score": "energy"},
     }
-    for s in ("confidence", "energy", "bn_score", "bn_z", "span_score", "proj_score", "auto"):
+    con = connect(str(pool))
+    names = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    for s in ("confidence", "energy", "bn_score", "bn_z", "span_score", "proj_score", "auto", "auto_knn"):
+        if s not in names:  # a score the teacher lacks (no BatchNorm: no bn_score, no bn_z)
+            continue
         configs[f"top-per-class by {s}"] = top_per_class(pool, pair.n, s)
         configs[f"top N by {s}"] = {"strategy": "threshold", "fraction": None, "score": s}
     configs["weighted, p ∝ softmax(energy)"] = {"strategy": "weighted", "n": pair.n, "score": "energy"}
@@ -455,7 +461,6 @@ def precision_rows(pair: Pair, pool: Path, sel_dir: Path, default_score: str) ->
     if pair.refs:
         configs["near (refs)"] = {"strategy": "near", "n": pair.n, "references": [pair.refs], "k": 5}
         configs["default + references"] = {**configs["default"], "references": [pair.refs]}
-    con = connect(str(pool))
     total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
     out = {}
     for name, cfg in configs.items():
@@ -567,9 +572,10 @@ def student(pair: Pair, row: str, shards: Path, seed: int, **kw: Any) -> dict[st
 
 
 def phase_students(pairs: list[Pair], seeds: int, default_score: str, scores: dict[str, Any],
-                   long: tuple[str, ...] = ()) -> dict:  # fmt: skip
+                   long: tuple[str, ...] = (), basic: bool = False) -> dict:  # fmt: skip
     """Students per pair and seed. Pairs in `long` also train offline and online (crop + mixup/CutMix) for 3x the
-    step budget: does online lose because the budget is short?"""
+    step budget: does online lose because the budget is short? `basic`: the default selection, a uniform sample
+    and the best selection only."""
     results = {}
     for pair in pairs:
         prec = scores[pair.name]["precision"]
@@ -583,7 +589,7 @@ def phase_students(pairs: list[Pair], seeds: int, default_score: str, scores: di
         for seed in range(seeds):
             for name, cfg in cfgs.items():
                 rows.setdefault(name, []).append(student(pair, name, shards_of(pair, name, cfg), seed))
-            if pair.online:
+            if pair.online and not basic:
                 sh = shards_of(pair, "default", default)
                 crop = {"teacher": spec, "crop": 2, "flip": pair.flip}
                 rows.setdefault("online crop", []).append(student(pair, "online-crop", sh, seed, **crop))
@@ -598,7 +604,7 @@ def phase_students(pairs: list[Pair], seeds: int, default_score: str, scores: di
                 )
                 rows.setdefault("online crop + mixup/CutMix, 3x steps", []).append(
                     student(pair, "online-mix-long", sh, seed, steps=3 * pair.steps, **mix))  # fmt: skip
-            if pair.few:
+            if pair.few and not basic:
                 few = WORK / pair.name / "few-shards"
                 if not (few / "manifest.json").is_file():
                     export(ExportConfig(out=str(few), sources=[pair.few], shard_size=5000, show_progress=False))
@@ -643,6 +649,7 @@ def recipe(score: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
 
 
 CANDIDATES = {  # candidate default scores: (part, weight) of the percentile ranks they average (missing: left out)
+    "auto_knn = auto over mutual 20-NN (stored by curate index)": (("auto_knn", 1),),
     "auto = rank(3 bn_z, span_score, energy)": (("bn_z", 3), ("span_score", 1), ("energy", 1)),
     "old auto = rank(bn_score, span_score, energy)": (("bn_score", 1), ("span_score", 1), ("energy", 1)),
     "rank(bn_z, span_score, energy)": (("bn_z", 1), ("span_score", 1), ("energy", 1)),
@@ -678,15 +685,18 @@ def default_candidates(pairs: list[str], scores: dict[str, Any]) -> list[list[st
                     if k in c and not np.isnan(c[k].astype(float)).all()]  # fmt: skip
             if not have:
                 cells.append("-")
-                worst_auc = worst_share = float("nan")
+                worst_auc = worst_share = float("nan") if PAIRS[p].knows else worst_auc
                 continue
-            fused = sum(r * w for r, w in have) / sum(w for _, w in have)
+            # a fusion of ranks, as auto is; a single score as it is (its split needs its own distribution)
+            fused = (sum(r * w for r, w in have) / sum(w for _, w in have) if len(parts) > 1 else
+                     c[parts[0][0]].astype(float))  # fmt: skip
             pos = np.isin(c["source"], PAIRS[p].task)
             auc = auroc(fused, pos) or 0.0
             prec = float(pos[related_recipe(fused, c["pred"], c["uid"], PAIRS[p].n)[0]].mean())
             best = max(v["precision"] for v in scores[p]["precision"].values())
             share = prec / best if best else 0.0
-            worst_auc, worst_share = min(worst_auc, auc), min(worst_share, share)
+            if PAIRS[p].knows:  # the worst case over the pairs whose teacher knows the task's data
+                worst_auc, worst_share = min(worst_auc, auc), min(worst_share, share)
             cells.append(f"{auc:.3f} / {prec:.3f} ({share:.2f})")
         rows.append([name, *cells, fmt(worst_auc if worst_auc == worst_auc else None),
                      fmt(worst_share if worst_share == worst_share else None)])  # fmt: skip
@@ -770,19 +780,25 @@ def write(scores: dict[str, Any], students: dict[str, Any] | None, default: str,
         synth = max((share.get(s, 0.0) for s in SYNTHETIC if s in share), default=None)
         bars.append([p, fmt(d.get("precision")), f"{best_name} {prec[best_name]['precision']:.3f}",
                      fmt(d["precision"] / prec[best_name]["precision"]) if d and prec[best_name]["precision"] else "-",
-                     fmt(scores[p]["auroc"].get(default)), fmt(synth),
-                     (d.get("related") or {}).get("looks_related", "-")])  # fmt: skip
+                     fmt(scores[p]["auroc"].get(default)), fmt(scores[p]["auroc"].get("auto")), fmt(synth),
+                     "yes" if PAIRS[p].knows else "no (another domain)",
+                     fmt(share.get("noise")), (d.get("related") or {}).get("looks_related", "-")])  # fmt: skip
     body += ["The bars per pair: the default selection's precision against the best row above, the default score's "
              "AUROC, and the largest share of a synthetic source (noise, dead leaves, shaders, glyphs) in the default "
              "selection's candidate set (the related side of the two-component split).",
              table(["pair", "default precision", "best (precision)", "default / best", f"AUROC of {default}",
-                    "max synthetic share in candidates", "candidates"], bars)]  # fmt: skip
+                    "AUROC of auto", "max synthetic share in candidates", "teacher knows the task",
+                    "noise share in candidates",
+                    "candidates"], bars)]  # fmt: skip
     body += [
         "Candidates for the default score, each through the default recipe (strategy related: the related side "
         "of its two-component split, each class held to its share). Cell: AUROC / the recipe's precision (its "
         "share of the best "
         "strategy's precision above). A candidate missing a score on a pair (no BatchNorm) averages the rest; "
-        "one with nothing left is `-` there and has no worst case.",
+        "one with nothing left is `-` there and has no worst case. The worst case is over the pairs whose teacher "
+        f"knows the task's data ({', '.join(p for p in names if PAIRS[p].knows)}); on "
+        f"{', '.join(p for p in names if not PAIRS[p].knows) or 'none'} the task is another domain, the case "
+        "for references (`--reference`, `--strategy near`).",
         table(["candidate"] + names + ["worst AUROC", "worst share"], default_candidates(names, scores)),
     ]
     if students:
@@ -836,6 +852,7 @@ def main() -> None:
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--long", default="", help="pairs that also train for 3x the steps (offline and online)")
+    ap.add_argument("--basic", action="store_true", help="students: default, uniform and best selections only")
     add_options(ap)
     args = ap.parse_args()
     if args.smoke:
@@ -849,7 +866,7 @@ def main() -> None:
     scores = {p.name: json.loads((WORK / p.name / "scores.json").read_text()) for p in done}
     students = None
     if args.phase == "students":
-        phase_students(pairs, args.seeds, default, scores, tuple(p for p in args.long.split(",") if p))
+        phase_students(pairs, args.seeds, default, scores, tuple(p for p in args.long.split(",") if p), args.basic)
     if any((WORK / p.name / "students.json").is_file() for p in done):
         students = {p.name: json.loads((WORK / p.name / "students.json").read_text()) for p in done
                     if (WORK / p.name / "students.json").is_file()}  # fmt: skip

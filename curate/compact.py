@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from curate.config import CompactConfig
 from curate.parts import next_name, write_parts
 from curate.pool import Pool
+from curate.query import store_derived
 from kdcore import progress, storage
 
 
@@ -57,6 +58,7 @@ def compact(cfg: CompactConfig) -> CompactResult:
                     result.units_merged += len(group)
                     result.rows_merged += sum(rows for _, rows in group)
         result.files_after = len(pool.publish())
+        store_derived(pool.root)  # aligned to the new files; auto_knn carried over (the same rows)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -135,6 +135,11 @@ class IndexConfig:
     )
     queries: int = option(500, "Sampled queries for the recall@10 measurement.")
     seed: int = option(0, "Seed of the training sample and of the recall queries.")
+    neighbours: bool = option(
+        True,
+        "Also search every sample's 20 nearest neighbours and store auto_knn (auto "
+        "averaged over them), the default selection's score; one more pass over the index.",
+    )
     show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
 
     def __post_init__(self) -> None:
@@ -175,9 +180,10 @@ class SelectConfig:
                            "balanced, random, near or diverse.")  # fmt: skip
     where: str | None = option(None, "SQL filter over the samples view (one boolean expression), applied first.")
     score: str = option(
-        "auto",
-        "Column or SQL expression ranking samples (higher = better). auto: the weighted rank "
-        "of bn_z (3), span_score and energy, the best worst case over teachers and pools.",
+        "auto_knn",
+        "Column or SQL expression ranking samples (higher = better). auto: the weighted rank of bn_z (3), "
+        "span_score and energy; auto_knn (the default): auto averaged over each sample's 20 nearest neighbours "
+        "(stored by curate index; auto without an index), the best worst case over teachers and pools.",
     )
     n: int | None = option(None, "How many samples (related, weighted, balanced, random, near, diverse).")
     per_class: int | None = option(None, "top-per-class: K per predicted class.")

@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 
 from curate.config import IndexConfig, parse_memory
 from curate.pool import Pool
+from curate.query import store_derived
 from kdcore import progress, storage
 from kdcore.errors import UserError
 
@@ -100,6 +101,28 @@ def embedding_batches(pool: Pool, rows: int = BATCH_ROWS, files: list[str] | Non
         vecs = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
         faiss.normalize_L2(vecs)
         yield batch.column("uid").to_numpy(), vecs
+
+
+GRAPH_NPROBE = 8  # IVF lists probed per sample for the neighbour graph (a neighbourhood, not exact search)
+
+
+def neighbour_graph(pool: Pool, idx: faiss.Index, ivf: Any, files: list[str], show: bool = False):
+    """(uids, their K nearest neighbours' uids) batch by batch, every sample a query (curate/derived.py)."""
+    from curate.derived import K
+
+    before = ivf.nprobe if ivf is not None else None
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nprobe, GRAPH_NPROBE)
+    k = min(K, int(idx.ntotal))
+    try:
+        with progress.bar("neighbours", total=int(idx.ntotal), enabled=show) as advance:
+            for uids, vecs in embedding_batches(pool, files=files):
+                _, nb = idx.search(vecs, k)
+                advance(len(uids))
+                yield uids, nb
+    finally:
+        if ivf is not None:
+            ivf.nprobe = before
 
 
 def choose_kind(n: int, dim: int, budget: int, kind: str) -> tuple[str, str]:
@@ -210,6 +233,12 @@ def _index(cfg: IndexConfig, pool: Pool, meta: dict[str, Any], t0: float) -> Ind
         "seconds": round(time.perf_counter() - t0, 3),
     }
     storage.write_json(storage.join(pool.index_dir, "embeddings.json"), info, tag="index")
+    if cfg.neighbours:
+        t1 = time.perf_counter()
+        store_derived(pool.root, lambda: neighbour_graph(pool, idx, ivf, files, cfg.show_progress))
+        info["neighbours_seconds"] = round(time.perf_counter() - t1, 3)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        storage.write_json(storage.join(pool.index_dir, "embeddings.json"), info, tag="index")
     return IndexResult(storage.redact(path), kind, factory, info["rows"], dim, recall, info["seconds"], size)
 
 

@@ -12,6 +12,7 @@
     pool/units/NAME/compact-N.json           a compact file's manifest (the units it holds): its commit
     pool/errors/NAME/unit-ID.parquet         one row per sample that failed, with its reason
     pool/index/embeddings.faiss + embeddings.json
+    pool/derived/scores.parquet + scores.json       bn_z, auto, auto_knn once per state of the pool (derived.py)
     pool/locks/ROLE.lock                            who is writing (one scorer, one compactor at a time)
 
 A unit is atomic: its parts are written whole (locally under a hidden temporary name, renamed; on object
@@ -169,7 +170,7 @@ class Pool:
 
     def wipe(self) -> None:
         storage.remove(self.snapshot_url)  # first: no reader is sent to files about to go
-        for sub in ("samples", "errors", "units", "index"):
+        for sub in ("samples", "errors", "units", "index", "derived"):
             storage.rmtree(self.url(sub))
         storage.remove(self.meta_url)
 
@@ -196,7 +197,7 @@ class Pool:
             return 0  # objects appear whole or not at all: nothing is left half-written
         n = 0
         root = storage.local(self.root)
-        for sub in ("samples", "errors", "units", "index"):
+        for sub in ("samples", "errors", "units", "index", "derived"):
             for p in (root / sub).rglob(f".*.{tag}{storage.TMP_SUFFIX}"):
                 p.unlink(missing_ok=True)
                 n += 1

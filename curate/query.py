@@ -24,6 +24,7 @@ from typing import Any
 
 import duckdb
 
+from curate import derived
 from curate.config import SqlConfig
 from curate.pool import ERROR_COLUMNS, Pool
 from curate.scores import DERIVED, SCORES, derived_sql
@@ -40,22 +41,27 @@ def _stored_scores(con: duckdb.DuckDBPyConnection, meta: dict) -> list[str]:
     return [s for s in SCORES if s in columns and (s != "bn_score" or meta.get("bn_score_available", True))]
 
 
-def connect(pool_dir: str, selection: str | None = None, threads: int | None = None, reference: Any = None
-            ) -> duckdb.DuckDBPyConnection:  # fmt: skip
+def connect(pool_dir: str, selection: str | None = None, threads: int | None = None, reference: Any = None,
+            stored_scores: bool = True, files: list[str] | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
     """An in-memory DuckDB connection with the pool's views and macros. `reference`: an Arrow table (uid,
-    ref_score) from reference images; it joins `samples` and takes its share of `auto`."""
+    ref_score) from reference images; it joins `samples` and takes its share of `auto`. The derived scores
+    (bn_z, auto, auto_knn) come from pool/derived/ when it belongs to the pool as it is (`stored_scores`), from
+    their window definitions otherwise (curate/derived.py)."""
     pool = Pool(pool_dir)
     meta = pool.meta()
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     _register(con, pool.root)
-    files = pool.sample_files()
+    files = pool.sample_files() if files is None else files  # `files`: read exactly these, in this order
     if not files:
         raise UserError(f"pool {storage.redact(pool.root)} has no scored samples yet; run 'curate score' first")
     root = storage.absolute(pool.root)
     all_parquet = storage.glob(storage.join(pool.root, "samples", "*", "*.parquet"))
-    if len(files) == len(all_parquet):
+    cached = derived.current(pool, files) if stored_scores and reference is None else None
+    if cached:  # the files in the order the stored derived scores are aligned to
+        source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
+    elif len(files) == len(all_parquet) and stored_scores:
         source = _lit(storage.join(root, "samples", "*", "*.parquet"))  # every file is complete: the glob
     else:  # units being written, or a compaction cut short: only what sample_files vouches for
         source = "[" + ", ".join(_lit(storage.absolute(f)) for f in files) + "]"
@@ -66,14 +72,21 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
         con.register("_reference", reference)
         con.execute("CREATE VIEW _with_ref AS SELECT s.*, r.ref_score FROM stored s LEFT JOIN _reference r USING (uid)")
         base = "_with_ref"
-    # derived scores (bn_z, then auto over it) are window columns: DuckDB computes them only for the queries that
-    # use them
     layers = _bn_layers(con) if "bn_score" in available else 0
     bn_z = derived_sql("bn_z", available, bn_layers=layers)
-    con.execute(f"CREATE VIEW _scored AS SELECT *{f', {bn_z} AS bn_z' if bn_z else ''} FROM {base}")
-    derived = [f"{sql} AS {name}" for name in DERIVED if name != "bn_z" and
-               (sql := derived_sql(name, available, reference is not None, layers))]  # fmt: skip
-    con.execute(f"CREATE VIEW samples AS SELECT *{''.join(', ' + d for d in derived)} FROM _scored")
+    if cached:  # computed once for this state of the pool, one row per stored row, in the same order
+        _register(con, cached)
+        have = [c for c, ok in (("bn_z", bn_z), ("auto", derived_sql("auto", available, bn_layers=layers)),
+                                ("auto_knn", derived_sql("auto", available, bn_layers=layers))) if ok]  # fmt: skip
+        con.execute(f"CREATE VIEW samples AS SELECT s.*{''.join(', d.' + c for c in have)} FROM stored s "
+                    f"POSITIONAL JOIN read_parquet({_lit(storage.absolute(cached))}) d")  # fmt: skip
+    else:  # window columns: DuckDB computes them only for the queries that use them
+        con.execute(f"CREATE VIEW _scored AS SELECT *{f', {bn_z} AS bn_z' if bn_z else ''} FROM {base}")
+        sqls = {n: derived_sql(n, available, reference is not None, layers) for n in DERIVED if n != "bn_z"}
+        cols = [f"{sql} AS {n}" for n, sql in sqls.items() if sql]
+        con.execute(f"CREATE VIEW _derived AS SELECT *{''.join(', ' + d for d in cols)} FROM _scored")
+        knn = ", auto AS auto_knn" if sqls.get("auto") else ""
+        con.execute(f"CREATE VIEW samples AS SELECT *{knn} FROM _derived")
     if storage.glob(storage.join(pool.root, "errors", "*", "*.parquet")):
         errors = _lit(storage.join(root, "errors", "*", "*.parquet"))
         con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({errors}, union_by_name=true)")
@@ -263,3 +276,19 @@ def _first(e: Exception) -> str:
 
 def _lit(p: str) -> str:
     return "'" + str(p).replace("'", "''") + "'"
+
+
+def store_derived(pool_dir: str, neighbours: Any = None) -> dict[str, Any] | None:
+    """Compute the pool's derived scores once and store them (curate/derived.py); `neighbours`: the graph for
+    auto_knn (curate index). None when the pool holds no scored sample."""
+    pool = Pool(pool_dir)
+    if not pool.sample_files():
+        return None
+    files = pool.sample_files()
+    if neighbours is None and derived.current(pool, files):  # nothing changed since they were stored
+        return None
+    con = connect(pool_dir, stored_scores=False, files=files)
+    meta = pool.meta()
+    available = set(meta.get("available_scores") or _stored_scores(con, meta))
+    layers = _bn_layers(con) if "bn_score" in available else 0
+    return derived.write(pool, con, files, available, layers, neighbours)

@@ -27,7 +27,7 @@ from curate import report_plots as plots
 from curate.config import ReportConfig
 from curate.pool import Pool
 from curate.query import connect
-from curate.scores import DERIVED, SCORES, two_component_split
+from curate.scores import DERIVED, FIT_ROWS, SCORES, two_component_split
 from curate.select import rel_entropy
 from curate.sqlcheck import expression
 from kdcore import storage
@@ -315,9 +315,9 @@ GALLERY_SCORES = ("auto", "bn_score", "span_score", "energy", "confidence")
 
 def _trust(con, scores: list[str]) -> dict[str, dict[str, Any]]:
     """How cleanly each score splits the pool: a two-component Gaussian mixture fitted to its distribution (on
-    a deterministic sample of at most 200,000 rows); Ashman's D >= 2 is a clean split, below 1.2 a weak one."""
+    a deterministic sample of at most FIT_ROWS rows); Ashman's D >= 2 is a clean split, below 1.2 a weak one."""
     total = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
-    step = max(1, -(-int(total) // 200_000))
+    step = max(1, -(-int(total) // FIT_ROWS))
     out = {}
     for s in scores:
         x = con.execute(f"SELECT ({s})::DOUBLE AS x FROM samples WHERE ({s}) IS NOT NULL AND hash(uid) % {step} = 0"

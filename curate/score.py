@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from curate.config import ScoreConfig
 from curate.pool import SCHEMA_VERSION, Pool
+from curate.query import store_derived
 from curate.scores import DIRECTION, SCORES, score_names
 from curate.scoring import (
     ScoreResult,
@@ -70,6 +71,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             runner.close()
 
         pool.publish()  # snapshot.json: what outside readers read
+        store_derived(pool.root)  # bn_z, auto: once for this state of the pool, not in every query
         total_rows = total_errors = 0
         for r in pool.records():
             if r["source"] in sources:

@@ -105,6 +105,13 @@ def bn_z_sql(layers: int) -> str:
     return f"(-({terms}) / {layers})::FLOAT"
 
 
+def derived_parts(name: str, available: set[str], bn_layers: int = 0) -> list[tuple[str, float]]:
+    """The (part, weight) pairs of a rank-fused derived score that the pool holds."""
+    d = DERIVED[name]
+    have = set(available) | ({"bn_z"} if "bn_score" in available or bn_layers else set())
+    return [(p, w) for p, w in zip(d.parts, d.weights or (1.0,) * len(d.parts), strict=True) if p in have]
+
+
 def derived_sql(name: str, available: set[str], reference: bool = False, bn_layers: int = 0) -> str | None:
     """The SQL (window functions over the pool) of a derived score, from the parts the pool holds. `bn_layers`:
     how many BatchNorm layers the pool stores per sample (0: none, bn_z falls back to bn_score). With
@@ -114,9 +121,7 @@ def derived_sql(name: str, available: set[str], reference: bool = False, bn_laye
         if bn_layers:
             return bn_z_sql(bn_layers)
         return "bn_score" if "bn_score" in available else None
-    d = DERIVED[name]
-    have = set(available) | ({"bn_z"} if "bn_score" in available or bn_layers else set())
-    parts = [(p, w) for p, w in zip(d.parts, d.weights or (1.0,) * len(d.parts), strict=True) if p in have]
+    parts = derived_parts(name, available, bn_layers)
     if not parts:
         return None
     total = sum(w for _, w in parts)
@@ -125,6 +130,9 @@ def derived_sql(name: str, available: set[str], reference: bool = False, bn_laye
     if reference:
         fused = f"(({fused}) + percent_rank() OVER (ORDER BY ref_score NULLS FIRST)) / 2"
     return f"({fused})::FLOAT"
+
+
+FIT_ROWS = 50_000  # the two-component fit reads at most this many scores (a deterministic sample)
 
 
 @dataclass(frozen=True)
@@ -152,8 +160,8 @@ def two_component_split(x: np.ndarray, iters: int = 200) -> Split | None:
     the split; None with fewer than 8 distinct finite values."""
     x = np.asarray(x, np.float64)
     x = x[np.isfinite(x)]
-    if len(x) > 200_000:  # the fit needs the shape, not every row
-        x = np.random.default_rng(0).choice(x, 200_000, replace=False)
+    if len(x) > FIT_ROWS:  # the fit needs the shape, not every row
+        x = np.random.default_rng(0).choice(x, FIT_ROWS, replace=False)
     if len(np.unique(x[:100_000])) < 8:
         return None
     spread = float(x.std()) or 1.0

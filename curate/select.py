@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import SelectConfig
+from curate.derived import describe_knn
 from curate.pool import Pool
 from curate.query import connect
 from curate.sqlcheck import expression
@@ -66,6 +67,8 @@ def select(cfg: SelectConfig) -> SelectResult:
     where = f"WHERE ({expression(cfg.where, '--where', con)})" if cfg.where else ""
     if strategy.scored:
         expression(cfg.score, "--score", con)
+    knn = {"auto_knn": describe_knn(pool, con, bool(cfg.references))} if strategy.scored and "auto_knn" in \
+        cfg.score else {}  # fmt: skip
     ctx = Context(
         cfg,
         con,
@@ -95,7 +98,7 @@ def select(cfg: SelectConfig) -> SelectResult:
         weight = picked.weight
     table = _selection_table(con, picked, weight)
     short = {meta["classes"][c]: n for c, n in sorted(picked.short.items())}
-    summary = write_selection(cfg, table, meta, pool, candidates, short, removed, picked.info)
+    summary = write_selection(cfg, table, meta, pool, candidates, short, removed, {**knn, **(picked.info or {})})
     return SelectResult(storage.redact(cfg.out), table.num_rows, candidates, summary["per_source"],
                         summary["per_class"], summary["rel_entropy"], short, removed,
                         time.perf_counter() - t0)  # fmt: skip

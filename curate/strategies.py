@@ -251,7 +251,7 @@ def related_order(pred: np.ndarray, score: np.ndarray, uid: np.ndarray, threshol
 def _related(ctx: Context) -> Picked:
     """The default recipe in DuckDB: the candidates once into a temporary table, the two-component fit on a
     deterministic sample of their scores, then one window query for the tiers."""
-    from curate.scores import related_split
+    from curate.scores import FIT_ROWS, related_split
 
     n = int(ctx.cfg.n)
     score = f"({ctx.cfg.score})::DOUBLE"
@@ -261,7 +261,7 @@ def _related(ctx: Context) -> Picked:
     total = int(con.execute("SELECT count(*) FROM _cand").fetchall()[0][0])
     if total == 0:
         raise UserError("the filter leaves no samples with a score" if ctx.where else "the pool has no samples")
-    step = max(1, math.ceil(total / 200_000))
+    step = max(1, math.ceil(total / FIT_ROWS))
     sample = con.execute(f"SELECT score FROM _cand WHERE hash(uid) % {step} = 0").fetchnumpy()["score"]
     split = related_split(np.asarray(sample, np.float64))
     threshold = split.threshold if split is not None else float("-inf")

@@ -13,10 +13,11 @@ batch with a permutation of itself; when both are on, each step picks one at ran
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms import v2
 
 
 @dataclass
@@ -63,13 +64,18 @@ def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Te
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
-_RANDAUGMENT = v2.RandAugment(num_ops=2, magnitude=9)
+@functools.cache
+def _randaugment() -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.transforms import v2  # imported on first use: torchvision's import costs seconds
+
+    return v2.RandAugment(num_ops=2, magnitude=9)
 
 
 def randaugment(x: torch.Tensor, groups: int = 8) -> torch.Tensor:
     """torchvision's RandAugment, one op sequence per group of samples (uint8 in, so ops behave as on images)."""
     u8 = (x * 255).round().clamp(0, 255).to(torch.uint8)
-    out = torch.cat([_RANDAUGMENT(chunk) for chunk in u8.chunk(max(1, groups))])
+    op = _randaugment()
+    out = torch.cat([op(chunk) for chunk in u8.chunk(max(1, groups))])
     return out.to(x.dtype) / 255
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from curate.score import score
 from curate.sources.builtin import digits as load_digits
 from distill.train import FitConfig, fit_arrays, to_input
 from kdcore import models
+from tests.cli_server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = models.InputSpec(8, 1, (0.25,), (0.35,))
@@ -82,11 +84,15 @@ def plain_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
+_SERVER = Server(ROOT)
+atexit.register(_SERVER.close)
+
+
 def run_cli(*args: str, timeout: int = 300, check: bool = False) -> subprocess.CompletedProcess:
-    """Run a console entry (e.g. 'curate', 'score', ...) as a real subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=CLI_ENV, cwd=ROOT
-    )
+    """Run a console entry (e.g. 'curate', 'score', ...) as `python -m` would, in its own process: forked from a
+    server that has the project imported already (tests/cli_server.py), so each call skips the start-up. The
+    tests that start a command to kill it use `start_cli`, a fresh interpreter."""
+    proc = _SERVER.run(args, CLI_ENV, ROOT, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -280,9 +280,12 @@ def test_weighted_probabilities_against_a_hand_computation():
     assert draw_probabilities(score, gamma=2.0).tolist() == pytest.approx([1 / 21, 4 / 21, 16 / 21])
 
 
-def test_the_default_score_is_auto_and_ranks_by_it(pool, tmp_path):
+def test_the_default_score_is_auto_knn_and_ranks_by_it(pool, tmp_path):
+    """Before `curate index` the pool has no neighbour graph: auto_knn is auto, and selection.json says so."""
     table, info = run(pool, tmp_path / "sel", strategy="top-per-class", per_class=15)
-    assert info["score"] == "auto"
+    assert info["score"] == "auto_knn" and info["auto_knn"].startswith("equal to auto")
+    both = pool_column(pool, "SELECT auto, auto_knn FROM samples")
+    np.testing.assert_array_equal(both["auto"], both["auto_knn"])
     assert_ranked_within_classes(pool, table, "auto")
     src = table.column("source").to_pylist()
     assert src.count("digits") / len(src) >= 0.9
@@ -351,15 +354,16 @@ def test_related_gives_no_quota_to_sparse_classes_of_high_looking_noise():
 
 
 def test_related_is_the_default_recipe_and_matches_its_reference(pool, tmp_path):
-    """`curate select POOL --n N --out SEL` runs strategy related by auto; the DuckDB form picks what the numpy
-    reference picks with the threshold of the two-component fit of auto, and selection.json records it."""
+    """`curate select POOL --n N --out SEL` runs strategy related by auto_knn (auto on a pool without an index);
+    the DuckDB form picks what the numpy reference picks with the threshold of the two-component fit of auto,
+    and selection.json records it."""
     from curate.scores import related_split
     from curate.strategies import related_order
 
     proc = run_cli("curate", "select", str(pool), "--n", "40", "--out", str(tmp_path / "sel"))
     assert proc.returncode == 0, proc.stderr
     table, info = read_selection(str(tmp_path / "sel"))
-    assert info["strategy"] == "related" and info["score"] == "auto" and table.num_rows == 40
+    assert info["strategy"] == "related" and info["score"] == "auto_knn" and table.num_rows == 40
     allp = pool_column(pool, "SELECT uid, pred, auto::DOUBLE AS auto, source FROM samples")
     split = related_split(allp["auto"])
     assert info["related"]["threshold"] == pytest.approx(split.threshold, abs=1e-5)
