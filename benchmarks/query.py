@@ -293,7 +293,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--op")
     ap.add_argument("--memory", default="1GB", help="index budget for the IVF-PQ build")
-    ap.add_argument("--only", help="rerun only the operations whose name starts with this; keep the other rows")
+    ap.add_argument(
+        "--only", help="rerun only the operations whose names start with these (comma-separated); keep the other rows"
+    )
     ap.add_argument("--pool", default=str(ROOT / "work" / "bench" / "query-pool"))
     ap.add_argument("--startup", action="store_true", help="start-up and query overhead on a 2M-row pool")
     add_options(ap)
@@ -328,7 +330,7 @@ def main() -> None:
     done = json.loads(cache.read_text()) if cache.exists() and args.only else {}
     rows = []
     for name in ops:
-        if args.only and not name.startswith(args.only) and name in done:
+        if args.only and not name.startswith(tuple(args.only.split(","))) and name in done:
             rows.append(done[name])
             continue
         if name.startswith("near") and not (Path(args.pool) / "index" / "embeddings.faiss").exists():
@@ -363,7 +365,7 @@ def main() -> None:
         "they are computed once per state of the pool (`curate score` does it as it ends) and joined to `samples` "
         "after. The default selection is `curate select POOL --n 1000000` (strategy related by `auto_knn`): "
         "before the index `auto_knn` is `auto`; `curate index` adds the neighbour graph (every sample searched "
-        "for its 20 nearest, 8 lists probed) and stores `auto_knn`.\n\n"
+        "for its 20 nearest in its own IVF list) and stores `auto_knn`.\n\n"
         + table(["operation", "seconds", "peak RSS MiB", "detail", "bar"], rows)
     )
     write_section("query", body, args.doc)

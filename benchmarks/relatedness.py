@@ -661,14 +661,15 @@ CANDIDATES = {  # candidate default scores: (part, weight) of the percentile ran
 }
 
 
-def related_recipe(score: np.ndarray, pred: np.ndarray, uid: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+def related_recipe(score: np.ndarray, pred: np.ndarray, uid: np.ndarray, n: int, classes: int
+                   ) -> tuple[np.ndarray, float]:  # fmt: skip
     """Row indices of the default recipe (strategy related) by one score, and its threshold."""
     from curate.scores import related_split
-    from curate.strategies import related_order
+    from curate.strategies import related_floor, related_order
 
     split = related_split(score)
     t = split.threshold if split else -np.inf
-    return related_order(pred.astype(np.int64), score, uid, t, n), t
+    return related_order(pred.astype(np.int64), score, uid, t, n, related_floor(n, classes)), t
 
 
 def default_candidates(pairs: list[str], scores: dict[str, Any]) -> list[list[str]]:
@@ -692,7 +693,8 @@ def default_candidates(pairs: list[str], scores: dict[str, Any]) -> list[list[st
                      c[parts[0][0]].astype(float))  # fmt: skip
             pos = np.isin(c["source"], PAIRS[p].task)
             auc = auroc(fused, pos) or 0.0
-            prec = float(pos[related_recipe(fused, c["pred"], c["uid"], PAIRS[p].n)[0]].mean())
+            classes = len(json.loads((WORK / p / "pool" / "pool.json").read_text())["classes"])
+            prec = float(pos[related_recipe(fused, c["pred"], c["uid"], PAIRS[p].n, classes)[0]].mean())
             best = max(v["precision"] for v in scores[p]["precision"].values())
             share = prec / best if best else 0.0
             if PAIRS[p].knows:  # the worst case over the pairs whose teacher knows the task's data

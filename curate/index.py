@@ -103,7 +103,7 @@ def embedding_batches(pool: Pool, rows: int = BATCH_ROWS, files: list[str] | Non
         yield batch.column("uid").to_numpy(), vecs
 
 
-GRAPH_NPROBE = 8  # IVF lists probed per sample for the neighbour graph (a neighbourhood, not exact search)
+GRAPH_NPROBE = 1  # IVF lists probed per sample for the neighbour graph: its own cell (a neighbourhood)
 
 
 def neighbour_graph(pool: Pool, idx: faiss.Index, ivf: Any, files: list[str], show: bool = False):

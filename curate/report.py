@@ -310,7 +310,7 @@ def _selection_thumbnail_rows(con, classes: list[str], k: int, n_classes: int = 
 # ------------------------------------------------------------------------------------------ without task sources
 
 
-GALLERY_SCORES = ("auto", "bn_score", "span_score", "energy", "confidence")
+GALLERY_SCORES = ("auto_knn", "auto", "bn_score", "span_score", "energy", "confidence")
 
 
 def _trust(con, scores: list[str]) -> dict[str, dict[str, Any]]:

@@ -5,9 +5,10 @@
     weighted        draw --n with probability ∝ softmax(score/τ) (or score^γ), with or without replacement
                     (Begon & Geurts 2022: preferential sampling by relatedness)
     balanced        --n in total, predicted classes equalised (water-filling when a class is short)
-    related         the default: --n by score among the samples that look related (above the threshold of a
-                    two-component fit of the score's distribution, refitted while above holds most), the best
-                    first, each predicted class held to 4x its share of them per tier; then the rest by score
+    related         the default: each class's best n / (4 x classes) first (none with many classes); then --n by
+                    score among the samples that look related (above the threshold of a two-component fit of the
+                    score's distribution, refitted while above holds most), the best first, each predicted class
+                    held to 4x its share of them per tier; then the rest by score
     random          --n drawn uniformly without replacement (the blind-distillation baseline)
     near            kNN expansion from reference images through the pool's FAISS index, restricted to the
                     filtered uids; score = cosine similarity to the k-th nearest reference (deep kNN)
@@ -231,11 +232,22 @@ def related_caps(pred: np.ndarray, score: np.ndarray, threshold: float, n: int) 
     return {int(c): SPREAD * n * int(k) / total for c, k in zip(classes, counts, strict=True)}
 
 
-def related_order(pred: np.ndarray, score: np.ndarray, uid: np.ndarray, threshold: float, n: int) -> np.ndarray:
-    """Reference numpy form of the related strategy (indices of the picks, best first). Related-looking samples
-    first, in tiers: the j-th best of class c (j = 1, 2, ...) is in tier ceil(j / cap_c), so a class with a
-    cap of 3 fills tier 1 with its best 3 and a class with a cap of 0.25 enters at tier 4; by score inside a
-    tier. Then the rest, by score."""
+FLOOR = 4  # every class of the teacher first gets its best n / (FLOOR x classes) picks, when that is 1 or more
+
+
+def related_floor(n: int, classes: int) -> int:
+    """The picks every predicted class gets first: n / (FLOOR x the teacher's classes), rounded down. A few-class
+    teacher's selection then holds every class (a student learns a class the score ranks low from its own
+    samples); with many classes and n far below, it is 0 and the picks go by score."""
+    return n // (FLOOR * max(1, classes))
+
+
+def related_order(pred: np.ndarray, score: np.ndarray, uid: np.ndarray, threshold: float, n: int,
+                  floor: int = 0) -> np.ndarray:  # fmt: skip
+    """Reference numpy form of the related strategy (indices of the picks, best first). First each class's best
+    `floor` (related_floor); then related-looking samples in tiers: the j-th best of class c (j = 1, 2, ...) is in
+    tier ceil(j / cap_c), so a class with a cap of 3 fills tier 1 with its best 3 and a class with a cap of 0.25
+    enters at tier 4; by score inside a tier. Then the rest, by score."""
     caps = related_caps(pred, score, threshold, n)
     order = np.lexsort((uid, -score, pred))
     p = pred[order]
@@ -245,7 +257,8 @@ def related_order(pred: np.ndarray, score: np.ndarray, uid: np.ndarray, threshol
     cap = np.array([caps.get(int(c), 1.0) for c in pred])
     below = score < threshold
     tier = np.where(below, 0, np.ceil(j / cap - 1e-9))
-    return np.lexsort((uid, -score, tier, below))[:n]
+    first = j <= floor
+    return np.lexsort((uid, -score, tier, below, ~first))[:n]
 
 
 def _related(ctx: Context) -> Picked:
@@ -270,10 +283,12 @@ def _related(ctx: Context) -> Picked:
     related = sum(k for _, k in counts)
     caps = {int(c): SPREAD * n * k / max(1, related) for c, k in counts}
     con.register("_caps", {"pred": np.array(list(caps), np.int64), "cap": np.array(list(caps.values()), np.float64)})
+    floor = related_floor(n, len(ctx.meta["classes"]))
     t = con.sql(
-        f"SELECT uid, score FROM (SELECT c.uid, c.score, c.score < {lit} AS below, CASE WHEN c.score < {lit} THEN 0 "
-        "ELSE ceil(row_number() OVER (PARTITION BY c.pred ORDER BY c.score DESC, c.uid) / coalesce(k.cap, 1.0) - 1e-9)"
-        f" END AS tier FROM _cand c LEFT JOIN _caps k ON k.pred = c.pred) ORDER BY below, tier, score DESC, uid "
+        f"SELECT uid, score FROM (SELECT uid, score, below, j <= {floor} AS first, CASE WHEN below THEN 0 ELSE "
+        f"ceil(j / cap - 1e-9) END AS tier FROM (SELECT c.uid, c.score, c.score < {lit} AS below, "
+        "row_number() OVER (PARTITION BY c.pred ORDER BY c.score DESC, c.uid) AS j, coalesce(k.cap, 1.0) AS cap "
+        f"FROM _cand c LEFT JOIN _caps k ON k.pred = c.pred)) ORDER BY first DESC, below, tier, score DESC, uid "
         f"LIMIT {n}"
     ).to_arrow_table()
     con.unregister("_caps")
@@ -282,12 +297,13 @@ def _related(ctx: Context) -> Picked:
     picked.info = {"related": {
         "threshold": None if split is None else round(threshold, 6),
         "looks_related": related, "classes": len(caps), "filled_from_rest": max(0, min(n, total) - related),
+        "floor_per_class": floor,
         "separation": None if split is None else round(split.separation, 3),
         "split": "none" if split is None else split.verdict,
         "rule": "candidates above the threshold of a two-component fit of the score (fitted again to the upper "
                 "side while it holds more than half); the j-th best of a class "
                 f"in tier ceil(j / cap), cap = {SPREAD} x n x the class's part of the related-looking "
-                "samples"}}  # fmt: skip
+                f"samples; first, each class's best n / ({FLOOR} x classes)"}}  # fmt: skip
     return picked
 
 
