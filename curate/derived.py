@@ -4,11 +4,11 @@ bn_z and auto are defined over the whole pool (each BatchNorm layer's spread, pe
 that computes them passes over every row with window functions: instant on thousands of rows, about a minute on
 10M. They are computed once for each state of the pool and stored:
 
-    pool/derived/scores.parquet   bn_z, auto, auto_knn (FLOAT), uid: one row per sample, in the order the sample
-                                  files hold them (sorted file list, each file's rows in order)
-    pool/derived/scores.json      the layout they are aligned to (each sample file's relative path and version:
-                                  size and mtime, or ETag), the content (row count, XOR of hash(uid,
-                                  content_hash)), the definitions, and whether auto_knn is smoothed
+    pool/derived/scores-H.parquet bn_z, auto, auto_knn (FLOAT), uid: one row per sample, in the order the sample
+                                  files hold them (sorted file list, each file's rows in order); H names the write
+    pool/derived/scores.json      the file (`file`), the layout it is aligned to (each sample file's relative path
+                                  and version: size and mtime, or ETag), the content (row count, XOR of
+                                  hash(uid, content_hash)), the definitions, and whether auto_knn is smoothed
 
 `curate score` writes them after a run, `curate index` again with auto_knn smoothed over the neighbour graph,
 `curate compact` again for its new files (auto_knn carried over by uid: the rows are the same). `query.connect`
@@ -23,6 +23,7 @@ nearest they are. Without a current index it equals auto.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -41,8 +42,10 @@ K = 20  # neighbours averaged by auto_knn (the sample included); chosen in bench
 VERSION = 1
 
 
-def scores_url(pool: Pool) -> str:
-    return pool.url("derived", "scores.parquet")
+def scores_url(pool: Pool, meta: dict[str, Any] | None = None) -> str:
+    """The scores file scores.json names (each write names its own file, so two writers racing never pair one's
+    json with the other's scores)."""
+    return pool.url("derived", (meta or {}).get("file", "scores.parquet"))
 
 
 def state(con: duckdb.DuckDBPyConnection, source: str = "stored") -> dict[str, Any]:
@@ -59,12 +62,13 @@ def layout(pool: Pool, files: list[str]) -> list[list[str | None]]:
 
 def _meta(pool: Pool) -> dict[str, Any] | None:
     meta_url = pool.url("derived", "scores.json")
-    if not storage.isfile(meta_url) or not storage.isfile(scores_url(pool)):
+    if not storage.isfile(meta_url):
         return None
     try:
-        return storage.read_json(meta_url)
+        meta = storage.read_json(meta_url)
     except Exception:  # noqa: BLE001 - a torn or foreign file: recompute rather than trust it
         return None
+    return meta if isinstance(meta, dict) and storage.isfile(scores_url(pool, meta)) else None
 
 
 def current(pool: Pool, files: list[str]) -> str | None:
@@ -75,7 +79,7 @@ def current(pool: Pool, files: list[str]) -> str | None:
         return None
     defs = state_definitions()
     ok = meta.get("layout") == layout(pool, files) and meta.get("definitions") == defs
-    return scores_url(pool) if ok else None
+    return scores_url(pool, meta) if ok else None
 
 
 def state_definitions() -> str:
@@ -170,7 +174,7 @@ def write(pool: Pool, con: duckdb.DuckDBPyConnection, files: list[str], availabl
     if smoothed:
         cols["auto_knn"] = smooth(cols["uid"], cols["auto"], neighbours)
     elif old and old.get("smoothed") and all(old.get(k) == v for k, v in now.items()):
-        fs, path = storage.arrow_filesystem(scores_url(pool))
+        fs, path = storage.arrow_filesystem(scores_url(pool, old))
         prev = pq.read_table(path, columns=["uid", "auto_knn"], filesystem=fs)
         pu, pk = prev.column("uid").to_numpy(), prev.column("auto_knn").to_numpy()
         o = np.argsort(pu)
@@ -181,9 +185,15 @@ def write(pool: Pool, con: duckdb.DuckDBPyConnection, files: list[str], availabl
     table = pa.table(
         {**{k: pa.array(cols[k], mask=np.isnan(cols[k])) for k in ("bn_z", "auto", "auto_knn")}, "uid": cols["uid"]}
     )  # NaN is NULL, as the window definitions give it
-    storage.write_parquet(scores_url(pool), table, tag="derived")
     info = {**now, "layout": layout(pool, files), "smoothed": smoothed, "k": K if smoothed else None}
+    name = f"scores-{hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]}.parquet"
+    storage.write_parquet(pool.url("derived", name), table, tag="derived")
+    info["file"] = name
     storage.write_json(pool.url("derived", "scores.json"), info, tag="derived")
+    for url in storage.glob(pool.url("derived", "scores-*.parquet")):  # earlier writes: nothing names them now
+        if storage.name(url) != name:
+            with contextlib.suppress(Exception):
+                storage.remove(url)
     return info
 
 

@@ -12,7 +12,7 @@
     pool/units/NAME/compact-N.json           a compact file's manifest (the units it holds): its commit
     pool/errors/NAME/unit-ID.parquet         one row per sample that failed, with its reason
     pool/index/embeddings.faiss + embeddings.json
-    pool/derived/scores.parquet + scores.json       bn_z, auto, auto_knn once per state of the pool (derived.py)
+    pool/derived/scores-H.parquet + scores.json     bn_z, auto, auto_knn once per state of the pool (derived.py)
     pool/locks/ROLE.lock                            who is writing (one scorer, one compactor at a time)
 
 A unit is atomic: its parts are written whole (locally under a hidden temporary name, renamed; on object

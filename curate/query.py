@@ -287,8 +287,11 @@ def store_derived(pool_dir: str, neighbours: Any = None) -> dict[str, Any] | Non
     files = pool.sample_files()
     if neighbours is None and derived.current(pool, files):  # nothing changed since they were stored
         return None
-    con = connect(pool_dir, stored_scores=False, files=files)
-    meta = pool.meta()
-    available = set(meta.get("available_scores") or _stored_scores(con, meta))
-    layers = _bn_layers(con) if "bn_score" in available else 0
-    return derived.write(pool, con, files, available, layers, neighbours)
+    try:
+        con = connect(pool_dir, stored_scores=False, files=files)
+        meta = pool.meta()
+        available = set(meta.get("available_scores") or _stored_scores(con, meta))
+        layers = _bn_layers(con) if "bn_score" in available else 0
+        return derived.write(pool, con, files, available, layers, neighbours)
+    except (duckdb.IOException, FileNotFoundError):  # another writer (a compaction) moved the files meanwhile:
+        return None  # queries compute the scores until the next run stores them; nothing is lost

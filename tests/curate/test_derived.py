@@ -18,15 +18,17 @@ from curate import derived
 from curate.config import IndexConfig, ScoreConfig, SelectConfig
 from curate.index import index
 from curate.pool import Pool
-from curate.query import connect
+from curate.query import connect, store_derived
 from curate.score import score
 from curate.select import read_selection, select
 
 
 @pytest.fixture
 def own_pool(pool, tmp_path) -> Path:
+    """A copy of the shared pool as `curate score` leaves it (another test may have indexed the shared one)."""
     root = tmp_path / "pool"
-    shutil.copytree(pool, root)
+    shutil.copytree(pool, root, ignore=shutil.ignore_patterns("index", "derived"))
+    store_derived(str(root))
     return root
 
 
@@ -44,7 +46,7 @@ def test_stored_scores_are_the_window_definitions(own_pool):
 
 
 def test_a_stored_file_is_read_only_for_the_state_it_belongs_to(own_pool):
-    url = own_pool / "derived" / "scores.parquet"
+    url = own_pool / "derived" / json.loads((own_pool / "derived" / "scores.json").read_text())["file"]
     t = pq.read_table(url)
     fake = pa.array(np.full(t.num_rows, 5.0, np.float32))
     pq.write_table(t.set_column(t.schema.get_field_index("auto"), "auto", fake), url)
@@ -130,7 +132,8 @@ def test_compaction_realigns_the_stored_scores_and_keeps_auto_knn(own_pool):
     pool = Pool(own_pool)
     assert any("compact-" in f for f in pool.sample_files())
     assert derived.current(pool, pool.sample_files()) is not None  # aligned to the compact files
-    assert json.loads((own_pool / "derived" / "scores.json").read_text())["smoothed"]
+    info = json.loads((own_pool / "derived" / "scores.json").read_text())
+    assert info["smoothed"] and [p.name for p in (own_pool / "derived").glob("scores-*")] == [info["file"]]
     after = columns(own_pool, True)
     for k in ("uid", "bn_z", "auto", "auto_knn"):
         np.testing.assert_array_equal(after[k], before[k])
