@@ -197,10 +197,11 @@ def write(pool: Pool, con: duckdb.DuckDBPyConnection, files: list[str], availabl
     return info
 
 
-def describe_knn(pool: Pool, con: duckdb.DuckDBPyConnection, reference: bool = False) -> str:
+def describe_knn(pool: Pool, reference: bool = False) -> str:
     """How auto_knn was computed for this pool, in words (selection.json, select's summary)."""
     if reference:
         return "auto with the references' share, not smoothed (the references already calibrate it)"
-    if current(pool, pool.sample_files()) and (_meta(pool) or {}).get("smoothed"):
+    meta = _meta(pool)
+    if meta and meta.get("smoothed") and current(pool, pool.sample_files()):
         return f"auto averaged over each sample and its mutual {K} nearest neighbours in the pool's index"
     return "equal to auto: the pool has no neighbour graph for its current rows (run 'curate index' to add it)"

@@ -76,8 +76,8 @@ def connect(pool_dir: str, selection: str | None = None, threads: int | None = N
     bn_z = derived_sql("bn_z", available, bn_layers=layers)
     if cached:  # computed once for this state of the pool, one row per stored row, in the same order
         _register(con, cached)
-        have = [c for c, ok in (("bn_z", bn_z), ("auto", derived_sql("auto", available, bn_layers=layers)),
-                                ("auto_knn", derived_sql("auto", available, bn_layers=layers))) if ok]  # fmt: skip
+        auto = derived_sql("auto", available, bn_layers=layers)
+        have = [c for c, ok in (("bn_z", bn_z), ("auto", auto), ("auto_knn", auto)) if ok]
         con.execute(f"CREATE VIEW samples AS SELECT s.*{''.join(', d.' + c for c in have)} FROM stored s "
                     f"POSITIONAL JOIN read_parquet({_lit(storage.absolute(cached))}) d")  # fmt: skip
     else:  # window columns: DuckDB computes them only for the queries that use them
@@ -282,9 +282,9 @@ def store_derived(pool_dir: str, neighbours: Any = None) -> dict[str, Any] | Non
     """Compute the pool's derived scores once and store them (curate/derived.py); `neighbours`: the graph for
     auto_knn (curate index). None when the pool holds no scored sample."""
     pool = Pool(pool_dir)
-    if not pool.sample_files():
-        return None
     files = pool.sample_files()
+    if not files:
+        return None
     if neighbours is None and derived.current(pool, files):  # nothing changed since they were stored
         return None
     try:

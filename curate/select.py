@@ -67,7 +67,7 @@ def select(cfg: SelectConfig) -> SelectResult:
     where = f"WHERE ({expression(cfg.where, '--where', con)})" if cfg.where else ""
     if strategy.scored:
         expression(cfg.score, "--score", con)
-    knn = {"auto_knn": describe_knn(pool, con, bool(cfg.references))} if strategy.scored and "auto_knn" in \
+    knn = {"auto_knn": describe_knn(pool, bool(cfg.references))} if strategy.scored and "auto_knn" in \
         cfg.score else {}  # fmt: skip
     ctx = Context(
         cfg,
