@@ -317,6 +317,42 @@ Examples:
 )
 
 
+def _synthesize(cfg: config.SynthesizeConfig) -> dict[str, Any]:
+    from curate.synthesize import result_dict, synthesize
+
+    return result_dict(synthesize(cfg))
+
+
+def _show_synthesize(d: dict[str, Any]) -> None:
+    hit = f"; the teacher predicts the target class for {d['target_hit']:.0%}" if d["target_hit"] is not None else ""
+    console().print(f"{d['images']:,} {d['method']} images ({d['batches_run']} batches run, {d['batches_skipped']} "
+                    f"already done) in {d['seconds']:.1f} s{hit} -> {d['out']}", markup=False)  # fmt: skip
+    console().print(f"score them like any source: --source 'synth=folder:{d['out']}'", markup=False)
+
+
+command(
+    app,
+    config.SynthesizeConfig,
+    _synthesize,
+    "synthesize",
+    """Make images with the teacher itself, for pools that hold little
+of its data: DeepInversion from its BatchNorm statistics, or source images
+moved toward its decision boundaries. Written as PNG files; score them as a
+folder: source.
+
+A killed run resumes where it stopped: rerun the same command.
+
+\b
+Examples:
+  curate synthesize --teacher runs/teacher --out synth/inv --n 5000
+  curate synthesize --teacher runs/teacher --out synth/edge --method boundary \\
+    --source 'crawl=folder:/data/crawl' --n 5000
+  curate score --teacher runs/teacher --pool pool/ --source 'inv=folder:synth/inv' ...
+""",
+    show=_show_synthesize,
+)
+
+
 def main() -> None:
     run_app(app)
 

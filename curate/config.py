@@ -107,6 +107,54 @@ class ScoreConfig:
             raise UserError(f"unknown --engine {self.engine!r}; use local or ray")
 
 
+SYNTH_METHODS = ("inversion", "boundary")
+
+
+@dataclass
+class SynthesizeConfig:
+    teacher: str = option(help="The teacher (any teacher spec, as for curate score); it must give gradients.")
+    out: str = option(help="Folder the images are written to (PNG, created; resumed when it holds a run).",
+                      toml_reason=WORK)  # fmt: skip
+    method: str = option(
+        "inversion",
+        "inversion: images grown from noise until the teacher's BatchNorm statistics match and it predicts a "
+        "target class (DeepInversion; every class in turn); boundary: images of --source moved a few gradient "
+        "steps toward the class the teacher ranks second.",
+    )
+    n: int = option(1000, "Images to write.")
+    source: list[str] = option(
+        [], "boundary: the images to move, NAME=KIND:LOCATION as for curate score (repeat); the first N are used."
+    )
+    steps: int | None = option(None, "Gradient steps per batch; default 200 (inversion) or 10 (boundary).")
+    batch_size: int = option(64, "Images optimised together (inversion: the batch whose statistics must match).")
+    lr: float = option(0.1, "inversion: Adam's learning rate on the pixels.")
+    bn_weight: float = option(1.0, "inversion: weight of the BatchNorm-statistics loss against the class loss.")
+    eps: float = option(0.06, "boundary: the most a pixel may move, as a share of its range (L-infinity).")
+    seed: int = option(0, "Seed of the noise, the jitter and the target classes (each batch its own).")
+    device: str = option("auto", "auto, cpu or cuda.")
+    overwrite: bool = option(False, "Start again in a folder that holds another run's images.")
+    show_progress: bool = option(True, "Show a progress bar.", cli_name="progress", toml_reason=PROGRESS)
+
+    def __post_init__(self) -> None:
+        if self.method not in SYNTH_METHODS:
+            raise UserError(f"unknown --method {self.method!r}; use {' or '.join(SYNTH_METHODS)}")
+        _positive("n", self.n)
+        _batch(self.batch_size)
+        _positive("steps", self.steps)
+        _positive("lr", self.lr)
+        _positive("bn_weight", self.bn_weight, allow_zero=True)
+        if not 0 < self.eps <= 1:
+            raise UserError(f"--eps must be in (0, 1] (a share of the pixel range), got {self.eps}")
+        if self.method == "boundary" and not self.source:
+            raise UserError("--method boundary moves existing images: give --source NAME=KIND:LOCATION")
+        if self.method == "inversion" and self.source:
+            raise UserError("--method inversion starts from noise and reads no --source; drop it, or use boundary")
+
+    @property
+    def step_count(self) -> int:
+        return self.steps or (200 if self.method == "inversion" else 10)
+
+
 @dataclass
 class CompactConfig:
     pool: str = option(help="Pool directory.", positional=True)

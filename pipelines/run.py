@@ -1,7 +1,8 @@
 """`pipeline run JOB.toml`: every stage from one spec, cached by fingerprint, resumable.
 
 A job names its stages as TOML tables: [teacher] (an existing `spec`, or a labelled `source` to train one
-with `distill train --loss ce --labels true`), [score], [index], [select], [export], [eval] (a labelled
+with `distill train --loss ce --labels true`), [synthesize] (teacher-guided images, scored as the source
+`synth`), [score], [index], [select], [export], [eval] (a labelled
 `source` to evaluate on), [distill], [report]. A table's keys are the fields of the stage's config, the
 same options as its CLI command (`per-class` or `per_class`; `pipeline keys STAGE` lists them); the job
 supplies the paths between stages. Each stage writes under the job's work directory;
@@ -26,13 +27,14 @@ from typing import Any
 
 import tomllib
 
-from curate.config import ExportConfig, IndexConfig, ReportConfig, ScoreConfig, SelectConfig
+from curate.config import ExportConfig, IndexConfig, ReportConfig, ScoreConfig, SelectConfig, SynthesizeConfig
 from distill.config import TrainConfig
 from kdcore import storage
 from kdcore.errors import UserError
 from kdcore.options import from_table, job_words, toml_fields, toml_types
 
-STAGES = ("teacher", "score", "index", "select", "export", "eval", "distill", "report")
+SYNTH_SOURCE = "synth"  # the source name [score] gives the [synthesize] stage's images
+STAGES = ("teacher", "synthesize", "score", "index", "select", "export", "eval", "distill", "report")
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,17 @@ SPECS: dict[str, StageSpec] = {
     "teacher": StageSpec(TrainConfig, {"spec": (str,), "source": (str,)},
                          {"spec": "an existing teacher (any teacher spec)",
                           "source": "a labelled source to train the teacher on (supervised distill train)"}),
-    "score": StageSpec(ScoreConfig, needs=None, reads=("teacher",)),
+    "synthesize": StageSpec(SynthesizeConfig, reads=("teacher",)),
+    "score": StageSpec(ScoreConfig, needs=None, reads=("teacher", "synthesize")),
     "index": StageSpec(IndexConfig, needs="score", reads=("score",)),
     "select": StageSpec(SelectConfig, needs="score", reads=("score", "index")),
     "export": StageSpec(ExportConfig, needs="select", reads=("select",)),
     "eval": StageSpec(None, {"source": (str, list)}, {"source": "labelled source(s) to evaluate on"}),
-    "distill": StageSpec(TrainConfig, {"online": (bool,)},
-                         {"online": "the job's teacher labels every augmented or mixed view"},
+    "distill": StageSpec(TrainConfig, {"online": (bool,), "rounds": (int,)},
+                         {"online": "the job's teacher labels every augmented or mixed view",
+                          "rounds": "more rounds after the first student, each drawing the samples it disagrees with "
+                                    "the teacher on most (pipelines/rounds.py); stops when held-back agreement stops "
+                                    "rising"},
                          needs="export", reads=("teacher", "export", "eval")),
     "report": StageSpec(ReportConfig, needs="score", reads=("score", "select")),
 }  # fmt: skip
@@ -130,6 +136,12 @@ def load_job(path: str) -> Job:
         raise UserError(f"{path} line {_line(text, 'score')}: [score] needs 'sources'")
     if "eval" in tables and "source" not in tables["eval"]:
         raise UserError(f"{path} line {_line(text, 'eval')}: [eval] needs 'source'")
+    rounds = tables.get("distill", {}).get("rounds", 1)
+    if rounds < 1:
+        raise UserError(f"{path} line {_line(text, 'rounds', 'distill')}: [distill] rounds must be >= 1, got {rounds}")
+    if rounds > 1 and tables["distill"].get("online"):
+        raise UserError(f"{path} line {_line(text, 'rounds', 'distill')}: [distill] rounds draws offline shards; it "
+                        "does not combine with online = true")  # fmt: skip
     name = job_opts.get("name", p.stem)
     work = Path(storage.target(job_opts.get("work", f"work/{name}"), f"{path}: [job] work"))
     if work.exists() and not work.is_dir():
@@ -215,7 +227,14 @@ def _build(job: Job, stage: str, table: dict[str, Any], text: str) -> Any:
             return build(
                 TrainConfig, values, shards=job.url("teacher", "shards"), out=job.url("teacher", "run"), **supervised
             )
+        if stage == "synthesize":
+            if values.get("method") == "boundary" and "source" not in values:  # the pool's own images
+                values = {**values, "source": job.stages.get("score", {}).get("sources", [])}
+            return build(SynthesizeConfig, values, teacher=job.teacher, out=job.url("synthesize", "images"))
         if stage == "score":
+            if "synthesize" in job.stages:
+                values = {**values, "sources": [*values.get("sources", []), f"{SYNTH_SOURCE}=folder:"
+                                                 f"{job.url('synthesize', 'images')}"]}  # fmt: skip
             return build(ScoreConfig, values, teacher=job.teacher, pool=pool)
         if stage == "index":
             return build(IndexConfig, values, pool=pool)
@@ -397,6 +416,13 @@ def _teacher(job: Job, cfg: TrainConfig | None) -> dict:
     return {"spec": cfg.out, "steps": res.steps}
 
 
+def _synthesize(job: Job, cfg: SynthesizeConfig) -> dict:
+    from curate.synthesize import synthesize
+
+    res = synthesize(cfg)
+    return {"images": res.images, "target_hit": res.target_hit, "confidence": res.confidence, "moved": res.moved}
+
+
 def _score(job: Job, cfg: ScoreConfig) -> dict:
     from curate.score import score
 
@@ -431,7 +457,16 @@ def _distill(job: Job, cfg: TrainConfig) -> dict:
     from distill.train import train
 
     res = train(dataclasses.replace(cfg, resume=storage.exists(storage.join(cfg.out, "checkpoint.pt"))))
-    return {"steps": res.steps, **res.final}
+    info = {"steps": res.steps, **res.final}
+    rounds = job.stages["distill"].get("rounds", 1)
+    if rounds > 1:
+        from pipelines.rounds import run_rounds
+
+        state = run_rounds(job.work, rounds, job.configs["score"], job.configs["select"], job.configs["export"], cfg,
+                           cfg.show_progress)  # fmt: skip
+        info["rounds"] = [{k: r[k] for k in ("round", "drawn", "held_agreement")} for r in state["rounds"]]
+        info["best_round"], info["stopped"] = state["best"], state["stopped"]
+    return info
 
 
 def _report(job: Job, cfg: ReportConfig) -> dict:
@@ -441,7 +476,7 @@ def _report(job: Job, cfg: ReportConfig) -> dict:
 
 
 RUNNERS: dict[str, Callable[[Job, Any], dict]] = {
-    "teacher": _teacher, "score": _score, "index": _index, "select": _select, "export": _export,
+    "teacher": _teacher, "synthesize": _synthesize, "score": _score, "index": _index, "select": _select, "export": _export,
     "distill": _distill, "eval": _export, "report": _report,
 }  # fmt: skip
 
@@ -460,6 +495,11 @@ def summarise(job: Job) -> dict[str, Any]:
     if sel.is_file():
         info = json.loads(sel.read_text())
         out["selection"] = {"rows": info["rows"], "per_source": info["per_source"], "rel_entropy": info["rel_entropy"]}
+    rounds = job.work / "distill" / "rounds" / "rounds.json"
+    if rounds.is_file():
+        info = json.loads(rounds.read_text())
+        out["rounds"] = {"held_agreement": [r["held_agreement"] for r in info["rounds"]], "best": info.get("best"),
+                         "stopped": info.get("stopped")}  # fmt: skip
     student = job.work / "distill" / "run" / "student.pt"
     if "eval" in job.stages and (job.work / "eval" / "shards" / "manifest.json").is_file():
         from distill.evaluate import compare

@@ -63,6 +63,8 @@ SCRIPTS: dict[str, tuple[str | None, dict[str, list[str]]]] = {
                                                                                         "google-chrome")) else None,
                       {"report-render": ["| page | screenshot bytes |", "| report.html |"]}),
     "relatedness": (None if _has_smoke("relatedness") else "no --smoke mode yet", {"relatedness": ["| "]}),
+    "curves": (None, {"curves": ["| pair | data | 10 steps | 20 steps | s at B |", "| smoke | original |",
+                                 "| smoke | default + synthesized |", "| pair | teacher | B | data | at B | at 4B |"]}),
 }  # fmt: skip
 
 
@@ -100,7 +102,7 @@ def run_group(scripts: list[str], tmp: Path) -> dict[str, str]:
 
 # two groups of about equal cost (measured: quality alone is about what the rest of one group takes)
 GROUPS = (
-    ["quality", "query", "report_render"],
+    ["quality", "query", "report_render", "curves"],
     ["storage", "scale", "relatedness", "distill_throughput", "export_throughput", "score_throughput"],
 )
 

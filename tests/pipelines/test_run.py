@@ -216,6 +216,84 @@ def test_a_changed_weights_file_reruns_the_teacher_and_score_stages(teacher, tmp
     assert new != sha
 
 
+def test_a_synthesize_stage_adds_its_images_to_the_pool(teacher, tmp_path):
+    """[synthesize] writes teacher-guided images that [score] reads as the source `synth`; boundary without a
+    `source` moves the pool's own images; a changed [synthesize] reruns it and the score stage."""
+    job = tmp_path / "job.toml"
+    text = (f'[job]\nwork = "{tmp_path / "work"}"\n[teacher]\nspec = "{teacher}"\n'
+            '[synthesize]\nmethod = "boundary"\nn = {n}\nbatch-size = 16\n'
+            '[score]\nsources = ["d=builtin:digits?start=1500&stop=1540", "n=synthetic:noise?n=30&size=8"]\n')  # fmt: skip
+    job.write_text(text.format(n=24))
+    assert actions(run(str(job), show_progress=False)) == {"teacher": "run", "synthesize": "run", "score": "run"}
+    from curate.query import connect
+
+    con = connect(str(tmp_path / "work" / "score" / "pool"))
+    rows = dict(con.execute("SELECT source, count(*) FROM samples GROUP BY 1").fetchall())
+    assert rows == {"d": 40, "n": 30, "synth": 24}
+    assert actions(run(str(job), show_progress=False)) == {"teacher": "skip", "synthesize": "skip", "score": "skip"}
+    job.write_text(text.format(n=32))
+    assert actions(run(str(job), show_progress=False)) == {"teacher": "skip", "synthesize": "run", "score": "run"}
+    con = connect(str(tmp_path / "work" / "score" / "pool"))
+    assert con.execute("SELECT count(*) FROM samples WHERE source = 'synth'").fetchall()[0][0] == 32
+
+
+ROUNDS_JOB = """
+[job]
+work = "{work}"
+[teacher]
+spec = "{teacher}"
+[score]
+sources = ["digits=builtin:digits?start=1500", "noise=synthetic:noise?n=300&size=8", "glyphs=synthetic:glyphs?n=200"]
+[select]
+n = 60
+[export]
+shard-size = 100
+[eval]
+source = "test=builtin:digits?start=1200&stop=1500"
+[distill]
+student = "cnn-tiny"
+steps = 30
+batch-size = 32
+workers = 0
+rounds = 3
+"""
+
+
+def test_rounds_draw_where_the_student_disagrees_and_keep_the_best_student(teacher, tmp_path):
+    import pyarrow.parquet as pq
+
+    from curate.config import SelectConfig
+    from pipelines.rounds import candidates, student_view
+
+    job = tmp_path / "job.toml"
+    job.write_text(ROUNDS_JOB.format(work=tmp_path / "work", teacher=teacher))
+    res = run(str(job), show_progress=False)
+    work = tmp_path / "work"
+    state = json.loads((work / "distill" / "rounds" / "rounds.json").read_text())
+    rounds = state["rounds"]
+    assert 2 <= len(rounds) <= 3 and all(0 <= r["held_agreement"] <= 1 for r in rounds)
+    assert res.summary["rounds"]["held_agreement"] == [r["held_agreement"] for r in rounds]
+    if len(rounds) < 3:  # stopped early: the last round did not raise the held-back agreement enough
+        assert rounds[-1]["held_agreement"] - rounds[-2]["held_agreement"] < 0.002
+    # round 2's shards: the first selection plus the candidates the round-1 student disagrees with most
+    pool = work / "score" / "pool"
+    cfg = SelectConfig(pool=str(pool), out=str(work / "select" / "selection"), n=60)
+    cand, held = candidates(cfg)
+    _, dis = student_view(str(pool), str(work / "distill" / "rounds" / "1" / "student-pool"), cand, held)
+    first = set(pq.read_table(work / "select" / "selection" / "selection.parquet").column("uid").to_pylist())
+    second = set(pq.read_table(work / "distill" / "rounds" / "2" / "selection" / "selection.parquet")
+                 .column("uid").to_pylist())  # fmt: skip
+    drawn = second - first
+    assert first < second and drawn and not drawn & set(held.tolist())
+    free = {int(u): d for u, d in zip(cand, dis, strict=True) if int(u) not in set(held.tolist())}
+    assert min(free[u] for u in drawn) >= max((d for u, d in free.items() if u not in drawn and u not in first),
+                                              default=0) - 1e-9  # fmt: skip
+    best = next(r for r in rounds if r["round"] == state["best"])
+    assert best["held_agreement"] == max(r["held_agreement"] for r in rounds)
+    assert (work / "distill" / "run" / "student.pt").read_bytes() == Path(best["student"]).read_bytes()
+    assert set(actions(run(str(job), show_progress=False)).values()) == {"skip"}
+
+
 def test_the_imagenet_teacher_of_the_shipped_job_sees_photos():
     """A fast check of pipelines/imagenet.toml's teacher: EfficientNet-Lite0's ImageNet weights, the spec of the
     job, on scikit-image's coffee photo: an espresso or a cup among its top 5."""
