@@ -125,21 +125,34 @@ def prepare(pair: Pair) -> tuple[str, dict[str, Path], Path]:
     return spec, shards, test
 
 
+ONLINE = " (online, mixup/CutMix)"  # the row suffix of the online recipe
+
+
+def online_options(spec: str, size: int) -> dict[str, Any]:
+    """Online distillation: the teacher labels exactly the view the student sees (crop, then mixup or CutMix with
+    lambda ~ Beta(1, 1), one per step)."""
+    return {"teacher": spec, "crop": 2 if size >= 16 else 1, "mixup": 1.0, "cutmix": 1.0}
+
+
 def student(pair: Pair, spec: str, row: str, shards: Path, test: Path, steps: int, seed: int) -> dict[str, Any]:
     from distill.config import TrainConfig
     from distill.evaluate import compare
     from distill.train import train
 
     work = WORK / pair.name
-    name = f"{shards.name}-{steps}-seed{seed}"
+    online = row.endswith(ONLINE)
+    name = f"{shards.name}{'-online' if online else ''}-{steps}-seed{seed}"
     cache = work / "results" / f"{name}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     run = work / "runs" / name
     t0 = time.perf_counter()
+    from kdcore import models
+
+    extra = online_options(spec, models.load(spec).input.size) if online else {}
     train(TrainConfig(shards=str(shards), out=str(run), student=pair.student, steps=steps, batch_size=pair.batch,
                       seed=seed, workers=1, show_progress=False, checkpoint_every=10**6,
-                      resume=(run / "checkpoint.pt").exists()))  # fmt: skip
+                      resume=(run / "checkpoint.pt").exists(), **extra))  # fmt: skip
     out = {**compare(spec, str(run / "student.pt"), str(test)), "seconds": round(time.perf_counter() - t0, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
@@ -152,14 +165,21 @@ def plateau(curve: dict[int, float], tol: float = 0.005) -> int:
     return min(b for b, v in curve.items() if v >= best - tol)
 
 
-def run_pair(pair: Pair, grid: list[int], seeds: int) -> dict[str, Any]:
+def run_pair(pair: Pair, grid: list[int], seeds: int, online: bool = False) -> dict[str, Any]:
+    """Every row's curve; with `online`, the original data and the default selection also with the online
+    recipe (each compared with the original data under the same recipe)."""
     spec, shards, test = prepare(pair)
-    acc: dict[str, dict[int, list[float]]] = {row: {} for row in ROWS}
-    secs: dict[str, dict[int, float]] = {row: {} for row in ROWS}
+    old = WORK / pair.name / "curves.json"
+    before = json.loads(old.read_text()) if old.is_file() else {"acc": {}, "seconds": {}}
+    acc: dict[str, dict[int, list[float]]] = {}
+    secs: dict[str, dict[int, float]] = {}
 
     def measure(row: str, budgets: list[int]) -> None:
+        acc.setdefault(row, {})
+        secs.setdefault(row, {})
         for b in budgets:
-            rs = [student(pair, spec, row, shards[row], test, b, s) for s in range(seeds)]
+            base = row.removesuffix(ONLINE)
+            rs = [student(pair, spec, row, shards[base], test, b, s) for s in range(seeds)]
             acc[row][b] = [r["student_accuracy"] for r in rs]
             secs[row][b] = float(np.mean([r["seconds"] for r in rs]))
             print(pair.name, row, b, [round(a, 4) for a in acc[row][b]], flush=True)
@@ -169,6 +189,13 @@ def run_pair(pair: Pair, grid: list[int], seeds: int) -> dict[str, Any]:
     for row in ROWS:
         if row != "original":
             measure(row, [b for b in grid if b <= 4 * big])
+    if online:
+        measure("original" + ONLINE, grid)
+        measure("default" + ONLINE, [b for b in grid if b <= 4 * big])
+    for row, curve in before["acc"].items():  # rows an earlier invocation measured (e.g. with --online)
+        if row not in acc:
+            acc[row] = {int(b): v for b, v in curve.items()}
+            secs[row] = {int(b): v for b, v in before["seconds"].get(row, {}).items()}
     teacher = compare_teacher(spec, test)
     out = {"B": big, "teacher": teacher, "acc": acc, "seconds": secs, "n": pair.n,
            "synth": json.loads((WORK / pair.name / "synth" / "synthesize.json").read_text())["done"]}  # fmt: skip
@@ -186,7 +213,6 @@ def write(results: dict[str, Any], doc: Path = DOC, note: str = "") -> None:
     rows, bars = [], []
     grid = sorted({int(b) for r in results.values() for b in r["acc"]["original"]})
     for name, r in results.items():
-        orig = {int(b): np.mean(v) for b, v in r["acc"]["original"].items()}
         big = r["B"]
         for row, curve in r["acc"].items():
             cells = []
@@ -195,9 +221,11 @@ def write(results: dict[str, Any], doc: Path = DOC, note: str = "") -> None:
                 cells.append("-" if v is None else f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else ""))
             sec = r["seconds"][row].get(str(big), r["seconds"][row].get(big))
             rows.append([name, row, *cells, "-" if sec is None else f"{sec:.0f}"])
-        for row in ("default", "uniform", "default + synthesized"):
+        for row in [k for k in r["acc"] if not k.startswith("original")]:
+            base = {int(b): np.mean(v) for b, v in r["acc"]["original" + (ONLINE if row.endswith(ONLINE) else "")]
+                    .items()}  # fmt: skip
             c = {int(b): np.mean(v) for b, v in r["acc"][row].items()}
-            at = [f"{c[b] / orig[b]:.2f}" if b in c else "-" for b in (big, 4 * big)]
+            at = [f"{c[b] / base[b]:.2f}" if b in c and b in base else "-" for b in (big, 4 * big)]
             bars.append([name, f"{r['teacher']:.3f}", big, row, *at])
     body = [
         "## Learning curves without the teacher's data",
@@ -223,6 +251,7 @@ def main() -> None:
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--grid", default="125,250,500,1000,2000,4000")
+    ap.add_argument("--online", action="store_true", help="also the online recipe (original data, default selection)")
     add_options(ap)
     args = ap.parse_args()
     global WORK
@@ -235,7 +264,7 @@ def main() -> None:
         return
     grid = [int(g) for g in args.grid.split(",")]
     for name in args.pairs.split(","):
-        run_pair(PAIRS[name], grid, args.seeds)
+        run_pair(PAIRS[name], grid, args.seeds, args.online)
         done = {p: json.loads((WORK / p / "curves.json").read_text()) for p in PAIRS
                 if (WORK / p / "curves.json").is_file()}  # fmt: skip
         write(done, args.doc)  # every pair measured so far (each invocation may run some, with its own grid)

@@ -140,3 +140,14 @@ def test_cli_writes_images_a_folder_source_reads(teacher, tmp_path):
 
     src = parse_source(f"s=folder:{out}")
     assert sum(1 for u in src.units() for _ in src.read(u)) == 12  # synthesize.json is not an image
+
+
+def test_synthesized_images_on_s3_are_a_folder_source_and_resume_there(teacher, tmp_path, s3):
+    out = s3() + "/synth/inv"
+    cfg = SynthesizeConfig(teacher=str(teacher), out=out, n=24, batch_size=12, steps=10, show_progress=False)
+    assert synthesize(cfg).images == 24
+    again = synthesize(cfg)
+    assert (again.batches_run, again.batches_skipped, again.images) == (0, 2, 24)
+    pool = tmp_path / "pool"
+    res = score(ScoreConfig(teacher=str(teacher), sources=[f"inv=folder:{out}"], pool=str(pool), show_progress=False))
+    assert res.rows == 24
