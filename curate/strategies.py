@@ -5,7 +5,7 @@
     weighted        draw --n with probability ∝ softmax(score/τ) (or score^γ), with or without replacement
                     (Begon & Geurts 2022: preferential sampling by relatedness)
     balanced        --n in total, predicted classes equalised (water-filling when a class is short)
-    related         the default: each class's best n / (4 x classes) first (none with many classes); then --n by
+    related         the default: each class's best n / classes first (none with many classes); then --n by
                     score among the samples that look related (above the threshold of a two-component fit of the
                     score's distribution, refitted while above holds most), the best first, each predicted class
                     held to 4x its share of them per tier; then the rest by score
@@ -232,12 +232,13 @@ def related_caps(pred: np.ndarray, score: np.ndarray, threshold: float, n: int) 
     return {int(c): SPREAD * n * int(k) / total for c, k in zip(classes, counts, strict=True)}
 
 
-FLOOR = 4  # every class of the teacher first gets its best n / (FLOOR x classes) picks, when that is 1 or more
+FLOOR = 1  # every class of the teacher first gets its best n / (FLOOR x classes) picks, when that is 1 or more
+# (1: a few-class teacher's selection is balanced; measured against 2 and 4 in docs/benchmarks.md)
 
 
 def related_floor(n: int, classes: int) -> int:
-    """The picks every predicted class gets first: n / (FLOOR x the teacher's classes), rounded down. A few-class
-    teacher's selection then holds every class (a student learns a class the score ranks low from its own
+    """The picks every predicted class gets first: n / (FLOOR x the teacher's classes), rounded down: its share.
+    A few-class teacher's selection then holds every class (a student learns a class the score ranks low from its own
     samples); with many classes and n far below, it is 0 and the picks go by score."""
     return n // (FLOOR * max(1, classes))
 

@@ -476,8 +476,8 @@ def _report(job: Job, cfg: ReportConfig) -> dict:
 
 
 RUNNERS: dict[str, Callable[[Job, Any], dict]] = {
-    "teacher": _teacher, "synthesize": _synthesize, "score": _score, "index": _index, "select": _select, "export": _export,
-    "distill": _distill, "eval": _export, "report": _report,
+    "teacher": _teacher, "synthesize": _synthesize, "score": _score, "index": _index, "select": _select,
+    "export": _export, "distill": _distill, "eval": _export, "report": _report,
 }  # fmt: skip
 
 

@@ -368,8 +368,8 @@ def test_related_is_the_default_recipe_and_matches_its_reference(pool, tmp_path)
     split = related_split(allp["auto"])
     assert info["related"]["threshold"] == pytest.approx(split.threshold, abs=1e-5)
     assert info["related"]["looks_related"] == int((allp["auto"] >= split.threshold).sum())
-    assert info["related"]["floor_per_class"] == related_floor(40, 10) == 1  # 10 classes: each one's best first
-    want = related_order(allp["pred"].astype(np.int64), allp["auto"], allp["uid"], split.threshold, 40, 1)
+    assert info["related"]["floor_per_class"] == related_floor(40, 10) == 4  # 10 classes: each one's share first
+    want = related_order(allp["pred"].astype(np.int64), allp["auto"], allp["uid"], split.threshold, 40, 4)
     assert set(table.column("uid").to_pylist()) == set(allp["uid"][want].tolist())
     assert np.mean(allp["source"][want] == "digits") >= 0.9
     proc = run_cli("curate", "select", str(pool), "--out", str(tmp_path / "x"))
@@ -378,8 +378,8 @@ def test_related_is_the_default_recipe_and_matches_its_reference(pool, tmp_path)
 
 def test_related_gives_every_class_of_a_few_class_teacher_its_floor():
     """A 10-class teacher whose score ranks one class (9) below most unrelated samples: without a floor the
-    selection of 400 holds none of it; with the floor (400 / (4 x 10) = 10) it holds that class's best 10 first,
-    and the rest goes by the related recipe as before."""
+    selection of 400 holds none of it; with the floor (400 / 10 = 40) it holds that class's best 40, as every
+    other class."""
     from curate.strategies import related_floor, related_order
 
     rng = np.random.default_rng(1)
@@ -390,7 +390,7 @@ def test_related_gives_every_class_of_a_few_class_teacher_its_floor():
     assert (pred[plain] == 9).sum() == 0
     floor = related_floor(400, 10)
     picked = related_order(pred, score, uid, 1.0, 400, floor)
-    assert floor == 10 and (pred[picked] == 9).sum() == 10
+    assert floor == 40 and (pred[picked] == 9).sum() == 40 and np.bincount(pred[picked], minlength=10).min() == 40
     nine = np.flatnonzero(pred == 9)
-    assert set(picked[pred[picked] == 9]) == set(nine[np.argsort(-score[nine])][:10])  # its best 10
+    assert set(picked[pred[picked] == 9]) == set(nine[np.argsort(-score[nine])][:40])  # its best 40
     assert related_floor(150, 1000) == 0  # many classes, N far below: no floor

@@ -222,7 +222,8 @@ def test_a_synthesize_stage_adds_its_images_to_the_pool(teacher, tmp_path):
     job = tmp_path / "job.toml"
     text = (f'[job]\nwork = "{tmp_path / "work"}"\n[teacher]\nspec = "{teacher}"\n'
             '[synthesize]\nmethod = "boundary"\nn = {n}\nbatch-size = 16\n'
-            '[score]\nsources = ["d=builtin:digits?start=1500&stop=1540", "n=synthetic:noise?n=30&size=8"]\n')  # fmt: skip
+            '[score]\nsources = ["d=builtin:digits?start=1500&stop=1540", "n=synthetic:noise?n=30&size=8"]\n'
+            )  # fmt: skip
     job.write_text(text.format(n=24))
     assert actions(run(str(job), show_progress=False)) == {"teacher": "run", "synthesize": "run", "score": "run"}
     from curate.query import connect
